@@ -1,0 +1,110 @@
+"""The ``mergekit-fisher`` command: ``calibrate`` measures mask Fisher, ``merge`` runs a recipe with the plugin loaded."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import click
+from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
+
+from . import register
+from .calibration import ESTIMATORS, CalibrationSettings
+from .errors import FisherMaskError
+from .pipeline import HEAD_POLICIES, run_fisher_merge
+
+
+@click.group()
+@click.version_option(package_name="mergekit-fisher-mask")
+def main() -> None:
+    """Data-aware merging with Fisher Mask Nodes (arXiv 2403.09891) for mergekit."""
+    register()
+
+
+@main.command()
+@click.argument("model")
+@click.option("--data", required=True, help="Local .jsonl/.json/.csv/.parquet/.txt file, or a datasets name[:config][@split].")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .safetensors Fisher file.")
+@click.option("--samples", default=256, show_default=True, help="Number of calibration examples.")
+@click.option("--batch-size", default=16, show_default=True, help="Examples per forward/backward pass (per process).")
+@click.option("--max-length", default=256, show_default=True, help="Truncate examples to this many tokens.")
+@click.option("--text-column", "text_columns", multiple=True, help="Text column; give twice for sentence pairs.")
+@click.option("--label-column", default=None, help="Label column for classifiers [default: label].")
+@click.option("--estimator", type=click.Choice(ESTIMATORS), default="empirical", show_default=True)
+@click.option("--seed", default=0, show_default=True, help="Seed for shuffling the data and for sampled labels.")
+@click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]), default="no", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def calibrate(model, data, out, samples, batch_size, max_length, text_columns, label_column, estimator, seed,
+              mixed_precision, quiet) -> None:
+    """Measure the Fisher information of MODEL's mask nodes (a local folder or a Hub id) on DATA."""
+    from .calibration import calibrate as run_calibration
+
+    settings = CalibrationSettings(
+        samples=samples,
+        batch_size=batch_size,
+        max_length=max_length,
+        estimator=estimator,
+        seed=seed,
+        text_columns=list(text_columns) or None,
+        label_column=label_column,
+        mixed_precision=mixed_precision,
+    )
+    from accelerate import PartialState
+
+    fisher = run_calibration(model, data, out, settings, progress=not quiet)
+    if PartialState().is_main_process:
+        click.echo(
+            f"Wrote {out}: {fisher.samples} samples, estimator {fisher.estimator}, loss {fisher.loss}, "
+            f"head_fisher {tuple(fisher.head.shape)}, ffn_fisher {tuple(fisher.ffn.shape)}",
+            err=True,
+        )
+
+
+@main.command(cls=PrettyPrintHelp)
+@click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("out_path", type=click.Path(file_okay=False))
+@click.option("--overwrite", is_flag=True, help="Replace OUT_PATH if it already holds a merge.")
+@click.option("--heads", type=click.Choice(HEAD_POLICIES), default="auto", show_default=True,
+              help="Task heads: take from base_model (base), merge them (merge), or base only when shapes differ (auto).")
+@click.option("--verify-fingerprint/--no-verify-fingerprint", default=True, show_default=True,
+              help="Refuse a Fisher file measured on different weights than the model it is used with.")
+@click.option("--fisher-cache", type=click.Path(file_okay=False), default=None,
+              help="Where Fisher files calibrated from `calibration_data` are cached [default: ~/.cache/mergekit-fisher-mask].")
+@add_merge_options
+def merge(merge_options: MergeOptions, config_file, out_path, overwrite, heads, verify_fingerprint, fisher_cache) -> None:
+    """Run a mergekit YAML recipe (any merge method, including fisher_mask) and write the model to OUT_PATH."""
+    merge_options.apply_global_options()
+    verbosity = merge_options.verbosity
+    logging.getLogger().setLevel(logging.DEBUG if verbosity > 1 else logging.INFO if verbosity else logging.WARNING)
+    logging.getLogger("mergekit_fisher_mask").setLevel(logging.INFO)
+    run_fisher_merge(
+        config_file,
+        out_path,
+        merge_options,
+        overwrite=overwrite,
+        verify_fingerprint=verify_fingerprint,
+        heads=heads,
+        cache_dir=Path(fisher_cache) if fisher_cache else None,
+    )
+    click.echo(f"Merged model written to {out_path}", err=True)
+
+
+def run() -> None:
+    """Console entry point: user errors print one clear line and exit 2, without a traceback."""
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mergekit_fisher_mask").setLevel(logging.INFO)
+    try:
+        main(standalone_mode=False)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except (FisherMaskError, FileNotFoundError) as error:
+        click.echo(f"Error: {error}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,123 @@
+"""The ``fisher_mask`` merge method: ``sum_k l_k F_k theta_k / sum_k l_k F_k`` with node Fisher expanded per tensor."""
+
+from __future__ import annotations
+
+import enum
+import functools
+import os
+from typing import List, Optional, Tuple
+
+import torch
+from mergekit import merge_methods
+from mergekit.merge_methods import BasePolicy, InputContract, PerInput, TensorEntry, TensorGroup, merge_method
+from pydantic import Field
+from typing_extensions import Annotated
+
+from .architectures import ArchitectureSpec, get_architecture
+from .errors import FisherMaskError
+from .expand import Normalize, NodeWeights, Scheme, Weight, tensor_weight
+from .fisher_file import load_mask_fisher
+
+
+class Uncovered(str, enum.Enum):
+    """What tensors no mask node covers (norms, embeddings, biases after a sum, ...) get."""
+
+    AVERAGE = "average"  # the plain weight-averaged mean, as `linear`
+    BASE = "base"  # the base model's tensor, unchanged
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_node_weights(path: str, stamp: Tuple[int, int], normalize: Normalize) -> Tuple[NodeWeights, str]:
+    fisher = load_mask_fisher(path)
+    return NodeWeights.from_fisher(fisher, normalize), fisher.shape.model_type
+
+
+def node_weights(path: str, normalize: Normalize) -> Tuple[NodeWeights, ArchitectureSpec]:
+    """Load (once per file version) a Fisher file's normalized node weights and its architecture."""
+    stat = os.stat(path) if os.path.isfile(path) else None
+    stamp = (stat.st_mtime_ns, stat.st_size) if stat else (0, 0)
+    nodes, model_type = _cached_node_weights(os.path.abspath(path), stamp, Normalize(normalize))
+    return nodes, get_architecture(model_type, where=path)
+
+
+def _members(group: TensorGroup, fisher) -> List[TensorEntry]:
+    """Inputs that take part: all models, except a base model given only for its config/head (no Fisher)."""
+    members = [entry for entry in group.entries if not (entry.is_base and fisher[entry.id] is None)]
+    missing = [str(entry.id) for entry in members if fisher[entry.id] is None]
+    if missing:
+        raise FisherMaskError(
+            f"fisher_mask needs a `fisher` file (or `calibration_data` with mergekit-fisher merge) for every model; "
+            f"missing for: {', '.join(missing)}."
+        )
+    if len(members) < 2:
+        raise FisherMaskError(f"fisher_mask merges two or more models; got {len(members)} with a Fisher file.")
+    return members
+
+
+def weighted_average(entries: List[TensorEntry], weights: List[Weight]) -> torch.Tensor:
+    """``sum_k w_k theta_k / sum_k w_k`` for scalar or broadcastable weights, in place like `linear`."""
+    first = entries[0].tensor
+    dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
+    result = torch.zeros_like(first, dtype=dtype)
+    denominator: Weight = 0.0
+    for entry, weight in zip(entries, weights):
+        if isinstance(weight, torch.Tensor):
+            result.addcmul_(entry.tensor, weight.to(dtype))
+        else:
+            result.add_(entry.tensor, alpha=weight)
+        denominator = denominator + weight
+    result.div_(denominator.to(dtype) if isinstance(denominator, torch.Tensor) else denominator)
+    return result.to(first.dtype)
+
+
+def fisher_mask_merge(
+    group: TensorGroup,
+    weight: PerInput[Annotated[float, Field(ge=0)]] = 1.0,
+    fisher: PerInput[Optional[str]] = None,
+    scheme: Scheme = Scheme.NODES,
+    normalize: Normalize = Normalize.LAYER,
+    uncovered: Uncovered = Uncovered.AVERAGE,
+    epsilon: Annotated[float, Field(gt=0)] = 1e-10,
+) -> torch.Tensor:
+    """Merge one tensor: each model weighted by ``weight * max(F, epsilon)``, F its node Fisher along the node axis."""
+    name = group.metadata.name or "<unnamed tensor>"
+    members = _members(group, fisher)
+    lambdas = [weight[entry.id] for entry in members]
+    if sum(lambdas) <= 0:
+        raise FisherMaskError(f"fisher_mask: the model weights sum to {sum(lambdas)}; at least one must be positive.")
+    loaded = [node_weights(fisher[entry.id], normalize) for entry in members]
+    spec = loaded[0][1]
+    if any(other.name != spec.name for _, other in loaded):
+        raise FisherMaskError(f"fisher_mask: Fisher files of different architectures for {name}.")
+    layer, rule = spec.layer_and_rule(name)
+    node_fisher = [tensor_weight(nodes, rule, layer, entry.tensor, scheme, name=name) for (nodes, _), entry in zip(loaded, members)]
+    if node_fisher[0] is None:
+        if uncovered == Uncovered.BASE:
+            if group.base is None:
+                raise FisherMaskError(f"fisher_mask: uncovered=base needs a base_model (tensor {name}).")
+            return group.base.tensor.clone()
+        return weighted_average(members, lambdas)
+    weights = [
+        lam * (f.clamp_min(epsilon) if isinstance(f, torch.Tensor) else max(f, epsilon))
+        for lam, f in zip(lambdas, node_fisher)
+    ]
+    return weighted_average(members, weights)
+
+
+FISHER_MASK = merge_method(
+    fisher_mask_merge,
+    name="fisher_mask",
+    pretty_name="Fisher Mask Nodes",
+    reference_url="https://arxiv.org/abs/2403.09891",
+    contract=InputContract(base=BasePolicy.OPTIONAL, min_inputs=1),
+)
+
+METHODS = (FISHER_MASK,)
+
+
+def register() -> None:
+    """Register this package's merge methods with mergekit; calling it again is a no-op."""
+    known = {method.spec.name for method in merge_methods.registered_methods()}
+    for method in METHODS:
+        if method.spec.name not in known:
+            merge_methods.register(method)

@@ -1,0 +1,126 @@
+"""Tiny random models of every supported architecture, saved as normal HF folders with a word-level tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Dict, Tuple
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import transformers  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # noqa: E402
+from transformers import PreTrainedTokenizerFast  # noqa: E402
+
+WORDS = [f"w{i}" for i in range(40)]
+VOCAB_SIZE = 48  # encoders: word-level vocabulary
+DECODER_VOCAB_SIZE = 320  # decoders: byte-level BPE (259 tokens, as Qwen2's tokenizer class insists on) + room
+SIZE = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
+DECODER = dict(SIZE, vocab_size=DECODER_VOCAB_SIZE, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+ENCODER = dict(SIZE, vocab_size=VOCAB_SIZE, max_position_embeddings=66, num_labels=3)
+
+# name -> (config class, model class, config kwargs); each family's quirks are exercised: GQA (llama, mistral, qwen2,
+# qwen3), q/k/v biases (qwen2), explicit head_dim != hidden/heads (qwen3), fused transposed Conv1D (gpt2).
+ARCHS: Dict[str, Tuple[Callable, Callable, dict]] = {
+    "bert": (transformers.BertConfig, transformers.BertForSequenceClassification, dict(ENCODER, pad_token_id=0)),
+    "roberta": (transformers.RobertaConfig, transformers.RobertaForSequenceClassification, dict(ENCODER, pad_token_id=0)),
+    "xlm-roberta": (
+        transformers.XLMRobertaConfig,
+        transformers.XLMRobertaForSequenceClassification,
+        dict(ENCODER, pad_token_id=0),
+    ),
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM, dict(DECODER, num_key_value_heads=2)),
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, dict(DECODER, num_key_value_heads=2)),
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, dict(DECODER, num_key_value_heads=2)),
+    "qwen3": (
+        transformers.Qwen3Config,
+        transformers.Qwen3ForCausalLM,
+        dict(DECODER, num_key_value_heads=2, head_dim=16),
+    ),
+    "gpt2": (
+        transformers.GPT2Config,
+        transformers.GPT2LMHeadModel,
+        dict(vocab_size=DECODER_VOCAB_SIZE, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=1, eos_token_id=2),
+    ),
+}
+CLASSIFIERS = ("bert", "roberta", "xlm-roberta")
+
+
+def make_tokenizer(encoder: bool) -> PreTrainedTokenizerFast:
+    if not encoder:
+        # Like SmolLM2: no dedicated pad token, so calibration must fall back to EOS and rely on attention_mask.
+        tokenizer = Tokenizer(models.BPE())
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=259,
+            special_tokens=["[PAD]", "[BOS]", "[EOS]"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tokenizer.train_from_iterator([" ".join(WORDS)], trainer)
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="[EOS]", bos_token="[BOS]")
+    vocab = {"[PAD]": 0, "[BOS]": 1, "[EOS]": 2, "[UNK]": 3, "[CLS]": 4, "[SEP]": 5}
+    vocab.update({word: 6 + i for i, word in enumerate(WORDS)})
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 4), ("[SEP]", 5)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
+    )
+
+
+def build_model(arch: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    config_cls, model_cls, kwargs = ARCHS[arch]
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**{**kwargs, **overrides}))
+    model.config.architectures = [model_cls.__name__]
+    return model.eval()
+
+
+def save_model(path: Path, arch: str, seed: int = 0, **overrides) -> Path:
+    model = build_model(arch, seed, **overrides)
+    model.save_pretrained(path)
+    make_tokenizer(arch in CLASSIFIERS).save_pretrained(path)
+    return path
+
+
+def random_text(generator: torch.Generator, low: int = 3, high: int = 12) -> str:
+    length = int(torch.randint(low, high, (1,), generator=generator))
+    return " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (length,), generator=generator))
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture
+def text_data(tmp_path) -> Path:
+    """40 labelled examples of varied length, classes 0..2."""
+    generator = torch.Generator().manual_seed(1)
+    rows = [{"text": random_text(generator), "label": i % 3} for i in range(40)]
+    return write_jsonl(tmp_path / "data.jsonl", rows)
+
+
+@pytest.fixture(scope="session")
+def model_zoo(tmp_path_factory) -> Callable[..., Path]:
+    """Save tiny models lazily, once per (arch, seed, overrides) for the whole session."""
+    root = tmp_path_factory.mktemp("zoo")
+    cache: Dict[tuple, Path] = {}
+
+    def get(arch: str, seed: int = 0, **overrides) -> Path:
+        key = (arch, seed, tuple(sorted(overrides.items())))
+        if key not in cache:
+            name = f"{arch}-{seed}" + "".join(f"-{k}{v}" for k, v in sorted(overrides.items()))
+            cache[key] = save_model(root / name, arch, seed, **overrides)
+        return cache[key]
+
+    return get

@@ -1,0 +1,214 @@
+"""Calibration against a deliberately simple reference: one example at a time, explicit masks, HF's own loss."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ARCHS, CLASSIFIERS, build_model
+from safetensors import safe_open
+from transformers import AutoTokenizer
+
+from mergekit_fisher_mask import CalibrationSettings, calibrate, get_architecture, load_mask_fisher
+from mergekit_fisher_mask.architectures import NodeShape
+from mergekit_fisher_mask.calibration import load_calibration_model
+from mergekit_fisher_mask.data import select_examples
+
+REL = 1e-5
+
+
+def reference_gradients(model_dir, texts, labels):
+    """Per-example mask gradients (N, L, H) and (N, L, D): batch of one, no padding, masks as explicit tensors."""
+    model = load_calibration_model(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    shape = NodeShape.from_config(model.config)
+    spec = get_architecture(shape.model_type)
+    layers = model.base_model.get_submodule(spec.layers)
+    head_grads, ffn_grads = [], []
+    for n, text in enumerate(texts):
+        head_mask = torch.ones(shape.num_layers, shape.num_heads, requires_grad=True)
+        ffn_mask = torch.ones(shape.num_layers, shape.intermediate_size, requires_grad=True)
+        handles = []
+        for l, layer in enumerate(layers):
+            def scale_heads(module, args, l=l):
+                x = args[0]  # (1, T, H * d)
+                chunks = x.chunk(shape.num_heads, dim=-1)
+                return (torch.cat([c * head_mask[l, h] for h, c in enumerate(chunks)], dim=-1),)
+
+            def scale_neurons(module, args, l=l):
+                return (args[0] * ffn_mask[l],)
+
+            handles.append(layer.get_submodule(spec.head_module).register_forward_pre_hook(scale_heads))
+            handles.append(layer.get_submodule(spec.neuron_module).register_forward_pre_hook(scale_neurons))
+        try:
+            inputs = tokenizer(*text, return_tensors="pt")
+            target = inputs["input_ids"] if labels is None else torch.tensor([labels[n]])
+            loss = model(**inputs, labels=target).loss  # HF's loss: mean over this example's next tokens, or CE
+            head_grad, ffn_grad = torch.autograd.grad(loss, [head_mask, ffn_mask])
+        finally:
+            for handle in handles:
+                handle.remove()
+        head_grads.append(head_grad)
+        ffn_grads.append(ffn_grad)
+    return torch.stack(head_grads), torch.stack(ffn_grads), model
+
+
+def assert_close(actual, expected, rel=REL):
+    scale = expected.abs().max()
+    assert scale > 0, "reference Fisher is all zero: the test would prove nothing"
+    error = (actual - expected).abs().max() / scale
+    assert error < rel, f"relative error {error:.2e}"
+
+
+def examples_for(arch, text_data, samples=10):
+    needs_labels = arch in CLASSIFIERS
+    data = select_examples(str(text_data), samples=samples, seed=0, needs_labels=needs_labels)
+    return data.texts, data.labels
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_empirical_fisher_matches_single_example_reference(arch, model_zoo, text_data, tmp_path):
+    model_dir = model_zoo(arch)
+    out = tmp_path / "fisher.safetensors"
+    fisher = calibrate(str(model_dir), str(text_data), out, CalibrationSettings(samples=10, batch_size=4), progress=False)
+    texts, labels = examples_for(arch, text_data)
+    head_grads, ffn_grads, _ = reference_gradients(model_dir, texts, labels)
+    assert fisher.samples == 10
+    assert_close(fisher.head, (head_grads**2).mean(0))
+    assert_close(fisher.ffn, (ffn_grads**2).mean(0))
+    stored = load_mask_fisher(out)
+    assert torch.equal(stored.head, fisher.head) and torch.equal(stored.ffn, fisher.ffn)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama", "gpt2"])
+def test_batch_size_and_padding_do_not_change_the_result(arch, model_zoo, text_data, tmp_path):
+    results = [
+        calibrate(
+            str(model_zoo(arch)), str(text_data), tmp_path / f"b{b}.safetensors",
+            CalibrationSettings(samples=12, batch_size=b), progress=False,
+        )
+        for b in (1, 5, 12)
+    ]
+    for other in results[1:]:
+        assert_close(other.head, results[0].head)
+        assert_close(other.ffn, results[0].ffn)
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_batch_estimator_squares_each_batch_mean_gradient(arch, model_zoo, text_data, tmp_path):
+    fisher = calibrate(
+        str(model_zoo(arch)), str(text_data), tmp_path / "f.safetensors",
+        CalibrationSettings(samples=10, batch_size=4, estimator="batch"), progress=False,
+    )
+    head_grads, ffn_grads, _ = reference_gradients(model_zoo(arch), *examples_for(arch, text_data))
+    batches = [slice(0, 4), slice(4, 8), slice(8, 10)]
+    assert_close(fisher.head, sum(head_grads[b].mean(0) ** 2 for b in batches))
+    assert_close(fisher.ffn, sum(ffn_grads[b].mean(0) ** 2 for b in batches))
+    assert fisher.estimator == "batch"
+
+
+def test_expected_estimator_matches_reference(model_zoo, text_data, tmp_path):
+    model_dir = model_zoo("bert")
+    fisher = calibrate(
+        str(model_dir), str(text_data), tmp_path / "f.safetensors",
+        CalibrationSettings(samples=6, batch_size=4, estimator="expected"), progress=False,
+    )
+    texts, _ = examples_for("bert", text_data, samples=6)
+    model = load_calibration_model(model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    probs = torch.stack([model(**tokenizer(*t, return_tensors="pt")).logits.softmax(-1)[0] for t in texts]).detach()
+    head, ffn = 0, 0
+    for c in range(3):
+        # CE with label c is -log p(c|x): its squared gradient is the squared gradient of log p(c|x).
+        h, f, _ = reference_gradients(model_dir, texts, [c] * len(texts))
+        head = head + (probs[:, c, None, None] * h**2).mean(0)
+        ffn = ffn + (probs[:, c, None, None] * f**2).mean(0)
+    assert_close(fisher.head, head)
+    assert_close(fisher.ffn, ffn)
+
+
+def test_sampled_estimator_is_reproducible_and_differs_from_empirical(model_zoo, text_data, tmp_path):
+    settings = CalibrationSettings(samples=12, batch_size=4, estimator="sampled", seed=3)
+    first = calibrate(str(model_zoo("llama")), str(text_data), tmp_path / "a.safetensors", settings, progress=False)
+    again = calibrate(str(model_zoo("llama")), str(text_data), tmp_path / "b.safetensors", settings, progress=False)
+    empirical = calibrate(
+        str(model_zoo("llama")), str(text_data), tmp_path / "c.safetensors",
+        CalibrationSettings(samples=12, batch_size=4, seed=3), progress=False,
+    )
+    assert torch.equal(first.head, again.head)
+    assert not torch.allclose(first.head, empirical.head)
+    assert (first.head > 0).all()
+
+
+def test_chunked_lm_loss_equals_unchunked(model_zoo):
+    from mergekit_fisher_mask.losses import causal_lm_losses
+
+    model = build_model("llama")
+    batch = {"input_ids": torch.randint(3, 200, (3, 9)), "attention_mask": torch.ones(3, 9, dtype=torch.long)}
+    batch["attention_mask"][1, 6:] = 0
+    whole = causal_lm_losses(model, batch, chunk_bytes=10**9)
+    tiny = causal_lm_losses(model, batch, chunk_bytes=1)  # one position per chunk
+    torch.testing.assert_close(whole, tiny)
+    reference = model(input_ids=batch["input_ids"][:1], labels=batch["input_ids"][:1]).loss
+    torch.testing.assert_close(whole[0], reference)
+
+
+def test_parameters_stay_untouched(model_zoo, text_data, tmp_path):
+    from mergekit_fisher_mask.calibration import compute_mask_fisher
+    from mergekit_fisher_mask.data import CalibrationDataset, encode_labels, prepare_tokenizer
+
+    model_dir = model_zoo("bert")
+    model = load_calibration_model(model_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = select_examples(str(text_data), samples=8, seed=0, needs_labels=True)
+    dataset = CalibrationDataset(
+        data, prepare_tokenizer(AutoTokenizer.from_pretrained(model_dir)), max_length=32,
+        labels=encode_labels(data.labels, model.config, source="test"),
+    )
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=dataset.collate)
+    model.train()
+    compute_mask_fisher(model, loader, progress=False)
+    assert model.training, "train/eval mode is restored"
+    assert all(p.requires_grad for p in model.parameters()), "requires_grad is restored"
+    assert all(p.grad is None for p in model.parameters()), "no weight gradient was computed"
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_file_metadata_describes_model_and_data(model_zoo, text_data, tmp_path):
+    out = tmp_path / "f.safetensors"
+    calibrate(str(model_zoo("llama")), str(text_data), out, CalibrationSettings(samples=7, batch_size=3), progress=False)
+    with safe_open(str(out), framework="pt") as handle:
+        meta = handle.metadata()
+        assert handle.get_tensor("head_fisher").dtype == torch.float32
+        assert tuple(handle.get_tensor("ffn_fisher").shape) == (2, 48)
+    assert meta["format"] == "mergekit-fisher-mask/mask" and meta["format_version"] == "1"
+    assert (meta["model_type"], meta["num_heads"], meta["num_kv_heads"], meta["head_dim"]) == ("llama", "4", "2", "8")
+    assert (meta["samples"], meta["estimator"], meta["loss"]) == ("7", "empirical", "causal_lm")
+    assert meta["fingerprint"].startswith("st:")
+    data = json.loads(meta["data"])
+    assert data["source"] == str(text_data) and data["text_columns"] == ["text"]
+    assert data["settings"]["batch_size"] == 3
+
+
+def test_two_processes_equal_one(model_zoo, text_data, tmp_path):
+    """`accelerate launch --num_processes 2` on CPU (gloo) must give the single-process file to float round-off."""
+    model_dir = model_zoo("bert")
+    args = ["calibrate", str(model_dir), "--data", str(text_data), "--samples", "11", "--batch-size", "3", "--quiet"]
+    single = tmp_path / "one.safetensors"
+    double = tmp_path / "two.safetensors"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, "-m", "mergekit_fisher_mask", *args, "--out", str(single)], check=True, env=env)
+    # --multi_gpu selects accelerate's torchrun launcher; with no GPU each process runs on CPU with gloo.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mergekit_fisher_mask"]
+    subprocess.run([*launch, *args, "--out", str(double)], check=True, env=env)
+    one, two = load_mask_fisher(single), load_mask_fisher(double)
+    assert one.samples == two.samples == 11
+    assert_close(two.head, one.head)
+    assert_close(two.ffn, one.ffn)
+    assert two.data["processes"] == 2
