@@ -14,6 +14,7 @@ activation-only backward per batch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import asdict, dataclass
@@ -49,6 +50,8 @@ class CalibrationSettings:
     def __post_init__(self):
         if self.estimator not in ESTIMATORS:
             raise FisherMaskError(f"Unknown estimator {self.estimator!r}; choose one of {', '.join(ESTIMATORS)}.")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise FisherMaskError(f"mixed_precision must be no, bf16 or fp16; got {self.mixed_precision!r}.")
         for name in ("samples", "batch_size", "max_length"):
             if int(getattr(self, name)) < 1:
                 raise FisherMaskError(f"{name} must be a positive integer, got {getattr(self, name)}.")
@@ -94,10 +97,13 @@ def compute_mask_fisher(
     forward_fn: Optional[Callable[[torch.nn.Module, Batch], torch.Tensor]] = None,
     seed: int = 0,
     progress: bool = True,
+    mixed_precision: str = "no",
 ) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """Return ``(head_fisher (L, H), ffn_fisher (L, D), N)`` summed over all processes.
 
     ``forward_fn(model, batch) -> (B,)`` overrides the per-example loss (empirical and batch estimators).
+    ``mixed_precision`` ("bf16"/"fp16") autocasts the forward pass; "no" defers to the accelerator's own setting
+    (e.g. ``accelerate launch --mixed_precision bf16``). Masks and sums stay float32/float64.
     The model must already sit on the accelerator's device; its parameters are frozen for the pass and restored.
     """
     if estimator not in ESTIMATORS:
@@ -128,7 +134,7 @@ def compute_mask_fisher(
             for batch in tqdm(dataloader, desc="Mask Fisher", unit="batch", disable=not show):
                 batch_size = batch["input_ids"].shape[0]
                 masks = nodes.new_masks(batch_size, device)
-                with accelerator.autocast() if accelerator is not None else torch.autocast(device.type, enabled=False):
+                with _autocast(mixed_precision, accelerator, device):
                     squares = _batch_squares(model, batch, masks, task, estimator, forward_fn, generator)
                 sums.head += squares[0].double()
                 sums.ffn += squares[1].double()
@@ -143,6 +149,16 @@ def compute_mask_fisher(
     if estimator != "batch":
         head, ffn = head / examples, ffn / examples
     return head.float().cpu(), ffn.float().cpu(), examples
+
+
+def _autocast(mixed_precision: str, accelerator, device: torch.device):
+    # Autocast per call rather than through Accelerator(mixed_precision=...): accelerate's state is a process-wide
+    # singleton, so a second calibration with another precision in the same process would be refused.
+    if mixed_precision in ("bf16", "fp16"):
+        return torch.autocast(device.type, dtype=torch.bfloat16 if mixed_precision == "bf16" else torch.float16)
+    if mixed_precision != "no":
+        raise FisherMaskError(f"mixed_precision must be no, bf16 or fp16; got {mixed_precision!r}.")
+    return accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
 
 
 def _batch_squares(model, batch, masks, task, estimator, forward_fn, generator) -> Sequence[torch.Tensor]:
@@ -196,7 +212,7 @@ def _reduce(sums: FisherSums, accelerator) -> Tuple[torch.Tensor, torch.Tensor, 
     return head, ffn, int(count.item())
 
 
-def load_calibration_model(model_dir, *, dtype: torch.dtype = torch.float32):
+def load_calibration_model(model_dir, *, dtype: torch.dtype = torch.float32, attn_implementation: Optional[str] = None):
     """Load a classifier or causal LM with the class its config names (AutoModelFor... by head)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -212,43 +228,36 @@ def load_calibration_model(model_dir, *, dtype: torch.dtype = torch.float32):
             f"{model_dir}: model class {architecture} has no head to compute a loss with. Calibrate a "
             "*ForSequenceClassification or *ForCausalLM checkpoint."
         )
-    return auto.from_pretrained(model_dir, dtype=dtype)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    return auto.from_pretrained(model_dir, dtype=dtype, **extra)
 
 
-def calibrate(
-    model: str,
-    data: str,
-    out,
-    settings: Optional[CalibrationSettings] = None,
-    *,
-    accelerator=None,
-    progress: bool = True,
-):
-    """Measure mask Fisher of ``model`` (folder or Hub id) on ``data`` and write it to ``out``; return the MaskFisher.
+@dataclass
+class _Prepared:
+    model_dir: object
+    net: torch.nn.Module
+    loader: object
+    description: dict
+    accelerator: object
 
-    Runs under any ``accelerate launch`` configuration; only the main process writes the file.
-    """
+
+def _prepare(model: str, data: str, settings: CalibrationSettings, accelerator, **load_options) -> _Prepared:
+    """Resolve and load the model, select and tokenize the data, and shard it over processes."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
     from transformers import AutoTokenizer
 
     from .data import CalibrationDataset, encode_labels, prepare_tokenizer, select_examples
-    from .fingerprint import model_fingerprint, resolve_model_dir
-    from .fisher_file import MaskFisher, save_mask_fisher
+    from .fingerprint import resolve_model_dir
 
-    settings = settings or CalibrationSettings()
     if accelerator is None:
         # Launched as several processes on a machine without GPUs, accelerate only picks CPU data parallelism
         # (gloo) when told cpu=True; otherwise each process would silently calibrate on everything.
         multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
         # even_batches=False: padding the last batch with repeated examples would count them twice.
-        accelerator = Accelerator(
-            cpu=multi_cpu,
-            mixed_precision=settings.mixed_precision,
-            dataloader_config=DataLoaderConfiguration(even_batches=False),
-        )
+        accelerator = Accelerator(cpu=multi_cpu, dataloader_config=DataLoaderConfiguration(even_batches=False))
     model_dir = resolve_model_dir(model)
-    net = load_calibration_model(model_dir)
+    net = load_calibration_model(model_dir, **load_options)
     task = task_of(net)
     needs_labels = task == CLASSIFICATION and settings.estimator in ("empirical", "batch")
     examples = select_examples(
@@ -272,23 +281,97 @@ def calibrate(
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=settings.batch_size, shuffle=False, collate_fn=dataset.collate
     )
-    loader = accelerator.prepare_data_loader(loader)
     net.to(accelerator.device)
+    description = {**examples.description, "settings": settings.as_dict(), "processes": accelerator.num_processes}
+    return _Prepared(model_dir, net, accelerator.prepare_data_loader(loader), description, accelerator)
+
+
+def calibrate(
+    model: str,
+    data: str,
+    out,
+    settings: Optional[CalibrationSettings] = None,
+    *,
+    accelerator=None,
+    progress: bool = True,
+):
+    """Measure mask Fisher of ``model`` (folder or Hub id) on ``data`` and write it to ``out``; return the MaskFisher.
+
+    Runs under any ``accelerate launch`` configuration; only the main process writes the file.
+    """
+    from .fingerprint import model_fingerprint
+    from .fisher_file import MaskFisher, save_mask_fisher
+
+    settings = settings or CalibrationSettings()
+    run = _prepare(model, data, settings, accelerator)
     head, ffn, count = compute_mask_fisher(
-        net, loader, estimator=settings.estimator, accelerator=accelerator, seed=settings.seed, progress=progress
+        run.net,
+        run.loader,
+        estimator=settings.estimator,
+        accelerator=run.accelerator,
+        seed=settings.seed,
+        progress=progress,
+        mixed_precision=settings.mixed_precision,
     )
     fisher = MaskFisher(
         head=head,
         ffn=ffn,
-        shape=NodeShape.from_config(net.config),
-        fingerprint=model_fingerprint(model_dir),
+        shape=NodeShape.from_config(run.net.config),
+        fingerprint=model_fingerprint(run.model_dir),
         samples=count,
         estimator=settings.estimator,
-        loss=loss_name(net),
+        loss=loss_name(run.net),
         model=str(model),
-        data={**examples.description, "settings": settings.as_dict(), "processes": accelerator.num_processes},
+        data=run.description,
     )
-    if accelerator.is_main_process:
+    if run.accelerator.is_main_process:
         save_mask_fisher(fisher, out)
-    accelerator.wait_for_everyone()
+    run.accelerator.wait_for_everyone()
     return fisher
+
+
+def calibrate_full(
+    model: str,
+    data: str,
+    out,
+    settings: Optional[CalibrationSettings] = None,
+    *,
+    chunk_size: int = 8,
+    accelerator=None,
+    progress: bool = True,
+):
+    """Measure the full diagonal Fisher of every parameter and write it as a sharded folder ``out``.
+
+    Returns ``(fisher dict, samples)``. ``chunk_size`` examples' gradients are held at once.
+    """
+    import json
+
+    from .fingerprint import model_fingerprint
+    from .full_fisher import compute_full_fisher, save_full_fisher
+
+    settings = settings or CalibrationSettings()
+    # Eager attention is plain matmuls that vmap batches; SDPA has no batching rule on CPU and would be looped.
+    run = _prepare(model, data, settings, accelerator, attn_implementation="eager")
+    fisher, count = compute_full_fisher(
+        run.net,
+        run.loader,
+        estimator=settings.estimator,
+        accelerator=run.accelerator,
+        chunk_size=chunk_size,
+        seed=settings.seed,
+        progress=progress,
+        mixed_precision=settings.mixed_precision,
+    )
+    metadata = {
+        "model_type": run.net.config.model_type,
+        "fingerprint": model_fingerprint(run.model_dir),
+        "model": str(model),
+        "samples": str(count),
+        "estimator": settings.estimator,
+        "loss": loss_name(run.net),
+        "data": json.dumps(run.description, sort_keys=True),
+    }
+    if run.accelerator.is_main_process:
+        save_full_fisher(fisher, run.model_dir, out, metadata)
+    run.accelerator.wait_for_everyone()
+    return fisher, count

@@ -25,7 +25,10 @@ def main() -> None:
 @main.command()
 @click.argument("model")
 @click.option("--data", required=True, help="Local .jsonl/.json/.csv/.parquet/.txt file, or a datasets name[:config][@split].")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .safetensors Fisher file.")
+@click.option("--out", required=True, type=click.Path(), help="Output .safetensors file (a folder with --full).")
+@click.option("--full", is_flag=True, help="Full diagonal Fisher of every parameter (for merge method `fisher`).")
+@click.option("--chunk-size", default=8, show_default=True,
+              help="--full only: examples whose per-example gradients are held at once (memory ~ chunk x model).")
 @click.option("--samples", default=256, show_default=True, help="Number of calibration examples.")
 @click.option("--batch-size", default=16, show_default=True, help="Examples per forward/backward pass (per process).")
 @click.option("--max-length", default=256, show_default=True, help="Truncate examples to this many tokens.")
@@ -35,10 +38,13 @@ def main() -> None:
 @click.option("--seed", default=0, show_default=True, help="Seed for shuffling the data and for sampled labels.")
 @click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]), default="no", show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def calibrate(model, data, out, samples, batch_size, max_length, text_columns, label_column, estimator, seed,
-              mixed_precision, quiet) -> None:
+def calibrate(model, data, out, full, chunk_size, samples, batch_size, max_length, text_columns, label_column,
+              estimator, seed, mixed_precision, quiet) -> None:
     """Measure the Fisher information of MODEL's mask nodes (a local folder or a Hub id) on DATA."""
+    from accelerate import PartialState
+
     from .calibration import calibrate as run_calibration
+    from .calibration import calibrate_full
 
     settings = CalibrationSettings(
         samples=samples,
@@ -50,8 +56,11 @@ def calibrate(model, data, out, samples, batch_size, max_length, text_columns, l
         label_column=label_column,
         mixed_precision=mixed_precision,
     )
-    from accelerate import PartialState
-
+    if full:
+        fisher, count = calibrate_full(model, data, out, settings, chunk_size=chunk_size, progress=not quiet)
+        if PartialState().is_main_process:
+            click.echo(f"Wrote {out}: full Fisher of {len(fisher)} tensors from {count} samples", err=True)
+        return
     fisher = run_calibration(model, data, out, settings, progress=not quiet)
     if PartialState().is_main_process:
         click.echo(

@@ -1,11 +1,14 @@
-"""The ``fisher_mask`` merge method: ``sum_k l_k F_k theta_k / sum_k l_k F_k`` with node Fisher expanded per tensor."""
+"""Merge methods ``fisher_mask`` (node Fisher expanded per tensor) and ``fisher`` (full diagonal Fisher).
+
+Both compute ``sum_k l_k F_k theta_k / sum_k l_k F_k`` in place, as mergekit's ``linear`` does.
+"""
 
 from __future__ import annotations
 
 import enum
 import functools
 import os
-from typing import List, Optional, Tuple
+from typing import Iterable, List, Optional, Tuple
 
 import torch
 from mergekit import merge_methods
@@ -14,9 +17,10 @@ from pydantic import Field
 from typing_extensions import Annotated
 
 from .architectures import ArchitectureSpec, get_architecture
-from .errors import FisherMaskError
+from .errors import FisherFileError, FisherMaskError
 from .expand import Normalize, NodeWeights, Scheme, Weight, tensor_weight
 from .fisher_file import load_mask_fisher
+from .full_fisher import INDEX_NAME, FullFisherReader
 
 
 class Uncovered(str, enum.Enum):
@@ -40,22 +44,25 @@ def node_weights(path: str, normalize: Normalize) -> Tuple[NodeWeights, Architec
     return nodes, get_architecture(model_type, where=path)
 
 
-def _members(group: TensorGroup, fisher) -> List[TensorEntry]:
+def _members(group: TensorGroup, fisher, method: str = "fisher_mask") -> List[TensorEntry]:
     """Inputs that take part: all models, except a base model given only for its config/head (no Fisher)."""
     members = [entry for entry in group.entries if not (entry.is_base and fisher[entry.id] is None)]
     missing = [str(entry.id) for entry in members if fisher[entry.id] is None]
     if missing:
         raise FisherMaskError(
-            f"fisher_mask needs a `fisher` file (or `calibration_data` with mergekit-fisher merge) for every model; "
+            f"{method} needs a `fisher` file (or `calibration_data` with mergekit-fisher merge) for every model; "
             f"missing for: {', '.join(missing)}."
         )
     if len(members) < 2:
-        raise FisherMaskError(f"fisher_mask merges two or more models; got {len(members)} with a Fisher file.")
+        raise FisherMaskError(f"{method} merges two or more models; got {len(members)} with a Fisher file.")
     return members
 
 
-def weighted_average(entries: List[TensorEntry], weights: List[Weight]) -> torch.Tensor:
-    """``sum_k w_k theta_k / sum_k w_k`` for scalar or broadcastable weights, in place like `linear`."""
+def weighted_average(entries: List[TensorEntry], weights: Iterable[Weight]) -> torch.Tensor:
+    """``sum_k w_k theta_k / sum_k w_k`` for scalar or broadcastable weights, in place like `linear`.
+
+    ``weights`` may be a generator, so that full-size weights are produced (read) one model at a time.
+    """
     first = entries[0].tensor
     dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
     result = torch.zeros_like(first, dtype=dtype)
@@ -65,7 +72,11 @@ def weighted_average(entries: List[TensorEntry], weights: List[Weight]) -> torch
             result.addcmul_(entry.tensor, weight.to(dtype))
         else:
             result.add_(entry.tensor, alpha=weight)
-        denominator = denominator + weight
+        if isinstance(weight, torch.Tensor) and isinstance(denominator, torch.Tensor):
+            denominator.add_(weight)  # in place: a full-Fisher denominator is as large as the tensor
+        else:
+            denominator = denominator + weight
+        del weight
     result.div_(denominator.to(dtype) if isinstance(denominator, torch.Tensor) else denominator)
     return result.to(first.dtype)
 
@@ -104,6 +115,50 @@ def fisher_mask_merge(
     return weighted_average(members, weights)
 
 
+@functools.lru_cache(maxsize=256)
+def _cached_reader(path: str, stamp: Tuple[int, int]) -> FullFisherReader:
+    return FullFisherReader(path)
+
+
+def full_fisher_reader(path: str) -> FullFisherReader:
+    """Open (once per file version) a full-Fisher folder's index; tensors are read on demand."""
+    index = os.path.join(path, INDEX_NAME) if os.path.isdir(path) else path
+    stat = os.stat(index) if os.path.isfile(index) else None
+    return _cached_reader(os.path.abspath(path), (stat.st_mtime_ns, stat.st_size) if stat else (0, 0))
+
+
+def fisher_merge(
+    group: TensorGroup,
+    weight: PerInput[Annotated[float, Field(ge=0)]] = 1.0,
+    fisher: PerInput[Optional[str]] = None,
+    fisher_floor: Annotated[float, Field(gt=0)] = 1e-6,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Matena & Raffel: each model weighted by ``weight * max(F / (||F||_2 if normalize), fisher_floor)`` per entry."""
+    name = group.metadata.name or "<unnamed tensor>"
+    members = _members(group, fisher, method="fisher")
+    if sum(weight[e.id] for e in members) <= 0:
+        raise FisherMaskError(f"fisher: the model weights sum to zero or less for {name}; one must be positive.")
+
+    def weights():
+        # One model's Fisher tensor is read at a time and released after use.
+        for entry in members:
+            reader = full_fisher_reader(fisher[entry.id])
+            if name not in reader:
+                raise FisherFileError(f"Full Fisher {fisher[entry.id]} has no tensor {name}; was it measured on this model?")
+            values = reader.get(name).to(torch.float32)
+            if tuple(values.shape) != tuple(entry.tensor.shape):
+                raise FisherFileError(
+                    f"Full Fisher {fisher[entry.id]}: {name} has shape {tuple(values.shape)}, the model's tensor "
+                    f"{tuple(entry.tensor.shape)}."
+                )
+            if normalize:
+                values.div_(reader.l2_norm)
+            yield values.clamp_min_(fisher_floor).mul_(weight[entry.id])
+
+    return weighted_average(members, weights())
+
+
 FISHER_MASK = merge_method(
     fisher_mask_merge,
     name="fisher_mask",
@@ -112,7 +167,15 @@ FISHER_MASK = merge_method(
     contract=InputContract(base=BasePolicy.OPTIONAL, min_inputs=1),
 )
 
-METHODS = (FISHER_MASK,)
+FISHER = merge_method(
+    fisher_merge,
+    name="fisher",
+    pretty_name="Fisher-weighted averaging",
+    reference_url="https://arxiv.org/abs/2111.09832",
+    contract=InputContract(base=BasePolicy.OPTIONAL, min_inputs=1),
+)
+
+METHODS = (FISHER_MASK, FISHER)
 
 
 def register() -> None:

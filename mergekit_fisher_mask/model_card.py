@@ -21,6 +21,10 @@ _METHOD_TEXT = {
         "information of the attention-head and FFN-neuron mask nodes that scale them, "
         "`theta = sum_k l_k F_k theta_k / sum_k l_k F_k`."
     ),
+    "fisher": (
+        "[Fisher-weighted averaging](https://arxiv.org/abs/2111.09832) (Matena & Raffel): every parameter is "
+        "weighted by its own diagonal Fisher information."
+    ),
 }
 
 

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from .architectures import ArchitectureSpec, NodeShape, get_architecture
-from .errors import FisherMaskError, RecipeError
+from .errors import FisherFileError, FisherMaskError, RecipeError
 from .fingerprint import model_fingerprint, resolve_model_dir
 from .fisher_file import check_matches_model, load_mask_fisher
+from .full_fisher import INDEX_NAME, FullFisherReader
 from .heads import copy_task_head, excluding_weights, task_head_tensors
 from .model_card import write_model_card
 from .recipe import PLUGIN_METHODS, CalibrationRequest, Recipe, load_recipe
@@ -114,17 +115,27 @@ def _calibration_cache_key(request: CalibrationRequest, fingerprint: str) -> str
 
 
 def run_calibrations(recipe: Recipe, inputs: Dict[str, InputModel], cache_dir: Path, *, progress: bool = True) -> None:
-    """Calibrate each model that has ``calibration_data`` and no ``fisher``, reusing cached results."""
-    from .calibration import calibrate
+    """Calibrate each model that has ``calibration_data`` and no ``fisher``, reusing cached results.
 
+    ``fisher_mask`` gets a mask-Fisher file, ``fisher`` a full-Fisher folder (its index is written last, so a
+    folder with an index is complete).
+    """
+    from . import calibration
+
+    full = recipe.method == "fisher"
     for request in recipe.calibrations:
         model = inputs[request.model]
-        path = cache_dir / f"{_calibration_cache_key(request, model_fingerprint(model.directory))}.safetensors"
-        if path.is_file():
+        key = _calibration_cache_key(request, model_fingerprint(model.directory))
+        path = cache_dir / (f"full-{key}" if full else f"{key}.safetensors")
+        done = (path / INDEX_NAME).is_file() if full else path.is_file()
+        if done:
             LOG.info("Using cached Fisher for %s: %s", request.model, path)
+        elif full:
+            LOG.info("Calibrating full Fisher of %s on %s -> %s", request.model, request.data, path)
+            calibration.calibrate_full(str(model.directory), request.data, path, request.settings, progress=progress)
         else:
             LOG.info("Calibrating %s on %s -> %s", request.model, request.data, path)
-            calibrate(str(model.directory), request.data, path, request.settings, progress=progress)
+            calibration.calibrate(str(model.directory), request.data, path, request.settings, progress=progress)
         request.parameters["fisher"] = str(path)
 
 
@@ -139,11 +150,13 @@ def _check_fishers(recipe: Recipe, inputs: Dict[str, InputModel], verify_fingerp
                 f"{recipe.path}: model {reference!r} has neither `fisher` nor `calibration_data` in its parameters."
             )
         model = inputs[reference]
-        fisher = load_mask_fisher(fisher_path)
+        where = f"Fisher file {fisher_path} (model {reference})"
         fingerprint = model_fingerprint(model.directory) if verify_fingerprint else None
-        check_matches_model(
-            fisher, NodeShape.from_config(model.config), fingerprint, where=f"Fisher file {fisher_path} (model {reference})"
-        )
+        if recipe.method == "fisher":
+            provenance[reference] = _check_full_fisher(fisher_path, model, fingerprint, where)
+            continue
+        fisher = load_mask_fisher(fisher_path)
+        check_matches_model(fisher, NodeShape.from_config(model.config), fingerprint, where=where)
         provenance[reference] = {
             "fisher": str(fisher_path),
             "samples": fisher.samples,
@@ -152,6 +165,27 @@ def _check_fishers(recipe: Recipe, inputs: Dict[str, InputModel], verify_fingerp
             "data": fisher.data.get("source"),
         }
     return provenance
+
+
+def _check_full_fisher(path: str, model: InputModel, fingerprint: Optional[str], where: str) -> dict:
+    meta = FullFisherReader(path).metadata
+    if meta.get("model_type") != model.config.model_type:
+        raise FisherFileError(
+            f"{where} was measured on a {meta.get('model_type')!r} model; this model is {model.config.model_type!r}."
+        )
+    if fingerprint is not None and meta.get("fingerprint") != fingerprint:
+        raise FisherFileError(
+            f"{where} was measured on a different model (fingerprint {meta.get('fingerprint')}, this model has "
+            f"{fingerprint}). Re-calibrate, or pass --no-verify-fingerprint."
+        )
+    data = json.loads(meta.get("data", "{}"))
+    return {
+        "fisher": str(path),
+        "samples": int(meta.get("samples", 0)),
+        "estimator": meta.get("estimator"),
+        "loss": meta.get("loss"),
+        "data": data.get("source"),
+    }
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ from .errors import RecipeError
 
 LOG = logging.getLogger(__name__)
 
-PLUGIN_METHODS = ("fisher_mask",)
+PLUGIN_METHODS = ("fisher_mask", "fisher")
 _TOP_LEVEL_KEYS = set(MergeConfiguration.model_fields) | {"calibration"}
 _MODEL_KEYS = {"model", "parameters"}
 _SLICE_SOURCE_KEYS = {"model", "parameters", "layer_range"}

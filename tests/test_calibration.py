@@ -212,3 +212,15 @@ def test_two_processes_equal_one(model_zoo, text_data, tmp_path):
     assert_close(two.head, one.head)
     assert_close(two.ffn, one.ffn)
     assert two.data["processes"] == 2
+
+
+def test_bf16_mixed_precision_stays_close_to_fp32(model_zoo, text_data, tmp_path):
+    model_dir = str(model_zoo("llama"))
+    fp32 = calibrate(model_dir, str(text_data), tmp_path / "a.safetensors", CalibrationSettings(samples=8), progress=False)
+    bf16 = calibrate(
+        model_dir, str(text_data), tmp_path / "b.safetensors",
+        CalibrationSettings(samples=8, mixed_precision="bf16"), progress=False,
+    )
+    assert bf16.head.dtype == torch.float32 and torch.isfinite(bf16.head).all()
+    # bf16 keeps ~3 significant digits; the per-head ranking and scale must survive.
+    assert_close(bf16.head, fp32.head, rel=0.1)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import CLASSIFIERS, random_text, write_jsonl
+from conftest import ARCHS, CLASSIFIERS, random_text, write_jsonl
 from mergekit.merge_methods import merge_state_dicts
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -46,7 +46,7 @@ def state(directory) -> dict:
     return tensors
 
 
-@pytest.mark.parametrize("arch", ["bert", "llama", "gpt2", "qwen3"])
+@pytest.mark.parametrize("arch", sorted(ARCHS))
 def test_yaml_to_from_pretrained(arch, model_zoo, text_data, tmp_path):
     models = [model_zoo(arch, seed=s) for s in (1, 2, 3)]
     fishers = []
