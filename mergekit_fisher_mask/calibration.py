@@ -23,7 +23,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from tqdm.auto import tqdm
 
-from .architectures import ArchitectureSpec, NodeShape, get_architecture
+from .architectures import NodeShape, get_architecture
 from .errors import CalibrationDataError, FisherMaskError
 from .losses import Batch, causal_lm_losses, classification_losses, classifier_logits
 from .masks import MaskNodes

@@ -12,6 +12,7 @@ from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 from . import register
 from .calibration import ESTIMATORS, CalibrationSettings
 from .errors import FisherMaskError
+from .expand import Normalize
 from .pipeline import HEAD_POLICIES, run_fisher_merge
 
 
@@ -80,9 +81,16 @@ def calibrate(model, data, out, full, chunk_size, samples, batch_size, max_lengt
               help="Refuse a Fisher file measured on different weights than the model it is used with.")
 @click.option("--fisher-cache", type=click.Path(file_okay=False), default=None,
               help="Where Fisher files calibrated from `calibration_data` are cached [default: ~/.cache/mergekit-fisher-mask].")
+@click.option("--push-to-hub", "push_to_hub", metavar="ORG/NAME", default=None,
+              help="Upload the finished merge to this Hub repo (only after the merge fully succeeded).")
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repo as private.")
 @add_merge_options
-def merge(merge_options: MergeOptions, config_file, out_path, overwrite, heads, verify_fingerprint, fisher_cache) -> None:
+def merge(merge_options: MergeOptions, config_file, out_path, overwrite, heads, verify_fingerprint, fisher_cache,
+          push_to_hub, private) -> None:
     """Run a mergekit YAML recipe (any merge method, including fisher_mask) and write the model to OUT_PATH."""
+    from .hub import push_folder, require_token
+
+    token = require_token() if push_to_hub else None  # before any work: a missing token must not waste a merge
     merge_options.apply_global_options()
     verbosity = merge_options.verbosity
     logging.getLogger().setLevel(logging.DEBUG if verbosity > 1 else logging.INFO if verbosity else logging.WARNING)
@@ -97,6 +105,31 @@ def merge(merge_options: MergeOptions, config_file, out_path, overwrite, heads, 
         cache_dir=Path(fisher_cache) if fisher_cache else None,
     )
     click.echo(f"Merged model written to {out_path}", err=True)
+    if push_to_hub:
+        url = push_folder(Path(out_path), push_to_hub, private=private, token=token)
+        click.echo(f"Uploaded to {url}", err=True)
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a heatmap PNG (mask-Fisher files).")
+@click.option("--top-k", default=10, show_default=True, help="Heads to list, largest Fisher first.")
+@click.option("--normalize", type=click.Choice([n.value for n in Normalize]), default="layer", show_default=True,
+              help="Normalization used for the merge-weight panel of --plot (as in the merge).")
+def inspect(files, plot, top_k, normalize) -> None:
+    """Summarize Fisher FILES (mask-Fisher files or full-Fisher folders) and optionally plot them side by side."""
+    from .fisher_file import load_mask_fisher
+    from .inspection import describe, plot_mask_fishers
+
+    for report in describe(files, top_k).values():
+        click.echo(report + "\n")
+    if plot:
+        masks = [f for f in files if not Path(f).is_dir()]
+        if not masks:
+            raise FisherMaskError("--plot draws mask-Fisher files; full-Fisher folders have no node layout to draw.")
+        labels = [Path(f).stem for f in masks]
+        width, height = plot_mask_fishers([load_mask_fisher(f) for f in masks], labels, Path(plot), normalize=Normalize(normalize))
+        click.echo(f"Wrote {plot} ({width}x{height} px)", err=True)
 
 
 def run() -> None:

@@ -13,7 +13,6 @@ import os
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
-import torch
 from mergekit.architecture.base import ModuleArchitecture, ModuleDefinition
 from safetensors import safe_open
 from safetensors.torch import save_file

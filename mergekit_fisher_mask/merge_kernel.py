@@ -18,7 +18,7 @@ from typing_extensions import Annotated
 
 from .architectures import ArchitectureSpec, get_architecture
 from .errors import FisherFileError, FisherMaskError
-from .expand import Normalize, NodeWeights, Scheme, Weight, tensor_weight
+from .expand import NodeWeights, Normalize, Scheme, Weight, tensor_weight
 from .fisher_file import load_mask_fisher
 from .full_fisher import INDEX_NAME, FullFisherReader
 

@@ -68,11 +68,12 @@ def write_model_card(staging: Path, recipe: Recipe, provenance: Dict[str, dict],
             "",
             "## Calibration",
             "",
-            "| model | data | samples | estimator | loss |",
-            "|---|---|---|---|---|",
+            "| model | data | samples | estimator | loss | Fisher summary |",
+            "|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| `{m}` | `{p['data']}` | {p['samples']} | {p['estimator']} | {p['loss']} |" for m, p in provenance.items()
+            f"| `{m}` | `{p['data']}` | {p['samples']} | {p['estimator']} | {p['loss']} | {p.get('summary', '')} |"
+            for m, p in provenance.items()
         ]
     lines += ["", "## Recipe", "", "```yaml", recipe.source_text.rstrip(), "```", ""]
     (staging / "README.md").write_text("\n".join(lines), encoding="utf-8")

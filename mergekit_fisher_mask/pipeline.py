@@ -24,6 +24,7 @@ from .fingerprint import model_fingerprint, resolve_model_dir
 from .fisher_file import check_matches_model, load_mask_fisher
 from .full_fisher import INDEX_NAME, FullFisherReader
 from .heads import copy_task_head, excluding_weights, task_head_tensors
+from .inspection import summarize_mask
 from .model_card import write_model_card
 from .recipe import PLUGIN_METHODS, CalibrationRequest, Recipe, load_recipe
 
@@ -157,12 +158,15 @@ def _check_fishers(recipe: Recipe, inputs: Dict[str, InputModel], verify_fingerp
             continue
         fisher = load_mask_fisher(fisher_path)
         check_matches_model(fisher, NodeShape.from_config(model.config), fingerprint, where=where)
+        summary = summarize_mask(fisher)
         provenance[reference] = {
             "fisher": str(fisher_path),
             "samples": fisher.samples,
             "estimator": fisher.estimator,
             "loss": fisher.loss,
             "data": fisher.data.get("source"),
+            "summary": f"top 10% of heads hold {summary.head_top10_share:.1%} of head Fisher, "
+            f"top 10% of neurons {summary.ffn_top10_share:.1%}",
         }
     return provenance
 
@@ -185,6 +189,7 @@ def _check_full_fisher(path: str, model: InputModel, fingerprint: Optional[str],
         "estimator": meta.get("estimator"),
         "loss": meta.get("loss"),
         "data": data.get("source"),
+        "summary": f"L2 norm {FullFisherReader(path).l2_norm:.3e}",
     }
 
 

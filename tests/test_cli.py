@@ -81,7 +81,7 @@ def test_classifiers_with_different_num_labels_take_head_from_base(model_zoo, tm
     generator = torch.Generator().manual_seed(0)
     three = model_zoo("bert", seed=1)  # num_labels=3
     two = model_zoo("bert", seed=2, num_labels=2)
-    data2 = write_jsonl(tmp_path / "d2.jsonl", [{"text": random_text(generator), "label": i % 2} for i in range(20)])
+    write_jsonl(tmp_path / "d2.jsonl", [{"text": random_text(generator), "label": i % 2} for i in range(20)])
     data3 = write_jsonl(tmp_path / "d3.jsonl", [{"sentence": random_text(generator), "y": i % 3} for i in range(20)])
     recipe = write_recipe(tmp_path / "recipe.yml", {
         "merge_method": "fisher_mask",

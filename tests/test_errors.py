@@ -10,7 +10,8 @@ import pytest
 import torch
 import transformers
 import yaml
-from conftest import make_tokenizer, random_text, write_jsonl
+from conftest import make_tokenizer, write_jsonl
+from mergekit.options import MergeOptions
 from safetensors.torch import save_file
 
 from mergekit_fisher_mask import CalibrationSettings, calibrate
@@ -23,7 +24,6 @@ from mergekit_fisher_mask.errors import (
 )
 from mergekit_fisher_mask.fisher_file import load_mask_fisher
 from mergekit_fisher_mask.pipeline import MARKER, run_fisher_merge
-from mergekit.options import MergeOptions
 
 OPTIONS = MergeOptions(quiet=True)
 

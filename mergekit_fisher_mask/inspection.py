@@ -1,0 +1,191 @@
+"""``mergekit-fisher inspect``: what a Fisher file says, as numbers and as a picture of where each model wins."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+
+from .errors import FisherMaskError
+from .expand import Normalize, _normalized
+from .fisher_file import MaskFisher
+
+QUANTILES = 20  # columns of the neuron heatmap: quantiles of each layer's neuron Fisher
+
+
+@dataclass(frozen=True)
+class MaskSummary:
+    """Numbers behind the text report of one mask-Fisher file."""
+
+    head_mean: torch.Tensor  # (L,)
+    head_max: torch.Tensor  # (L,)
+    ffn_mean: torch.Tensor  # (L,)
+    ffn_max: torch.Tensor  # (L,)
+    top_heads: List[Tuple[int, int, float]]  # (layer, head, value), largest first
+    head_top10_share: float  # share of all head Fisher held by the top 10% of heads
+    ffn_top10_share: float
+
+
+def top_share(values: torch.Tensor, fraction: float = 0.1) -> float:
+    """Share of the total held by the largest ``fraction`` of entries (at least one entry)."""
+    flat = values.flatten().double()
+    total = flat.sum()
+    if total <= 0:
+        return 0.0
+    count = max(1, int(round(fraction * flat.numel())))
+    return float(flat.topk(count).values.sum() / total)
+
+
+def summarize_mask(fisher: MaskFisher, top_k: int = 10) -> MaskSummary:
+    heads = fisher.head.shape[1]
+    values, order = fisher.head.flatten().topk(min(top_k, fisher.head.numel()))
+    return MaskSummary(
+        head_mean=fisher.head.mean(dim=1),
+        head_max=fisher.head.amax(dim=1),
+        ffn_mean=fisher.ffn.mean(dim=1),
+        ffn_max=fisher.ffn.amax(dim=1),
+        top_heads=[(int(i) // heads, int(i) % heads, float(v)) for v, i in zip(values, order)],
+        head_top10_share=top_share(fisher.head),
+        ffn_top10_share=top_share(fisher.ffn),
+    )
+
+
+def format_mask_summary(path: str, fisher: MaskFisher, top_k: int = 10) -> str:
+    summary = summarize_mask(fisher, top_k)
+    shape = fisher.shape
+    lines = [
+        f"{path}",
+        f"  model {fisher.model or '?'} ({shape.model_type}: {shape.num_layers} layers x {shape.num_heads} heads "
+        f"[{shape.num_kv_heads} KV], {shape.intermediate_size} FFN neurons)",
+        f"  {fisher.samples} samples, estimator {fisher.estimator}, loss {fisher.loss}, data {fisher.data.get('source')}",
+        f"  concentration: top 10% of heads hold {summary.head_top10_share:.1%} of head Fisher, "
+        f"top 10% of neurons hold {summary.ffn_top10_share:.1%} of neuron Fisher",
+        "",
+        "  layer   head mean    head max     neuron mean  neuron max",
+    ]
+    for layer in range(shape.num_layers):
+        lines.append(
+            f"  {layer:5d}   {summary.head_mean[layer]:.4e}  {summary.head_max[layer]:.4e}   "
+            f"{summary.ffn_mean[layer]:.4e}   {summary.ffn_max[layer]:.4e}"
+        )
+    lines += ["", f"  top {len(summary.top_heads)} heads (layer.head: Fisher)"]
+    lines += [f"    {layer}.{head}: {value:.4e}" for layer, head, value in summary.top_heads]
+    return "\n".join(lines)
+
+
+def format_full_summary(path: str) -> str:
+    """Per-tensor summary of a full-Fisher folder, read one tensor at a time."""
+    from .full_fisher import FullFisherReader
+
+    reader = FullFisherReader(path)
+    rows = []
+    for name in reader.weight_map:
+        values = reader.get(name).double()
+        rows.append((name, values.numel(), float(values.mean()), float(values.max()), float(values.sum())))
+    total = sum(row[4] for row in rows) or 1.0
+    meta = reader.metadata
+    lines = [
+        f"{path}",
+        f"  model {meta.get('model', '?')} ({meta.get('model_type')}), {meta.get('samples')} samples, "
+        f"estimator {meta.get('estimator')}, loss {meta.get('loss')}, L2 norm {reader.l2_norm:.4e}",
+        "",
+        f"  {'tensor':<60} {'numel':>10} {'mean':>11} {'max':>11} {'share':>7}",
+    ]
+    lines += [f"  {n:<60} {k:>10} {m:>11.4e} {x:>11.4e} {s / total:>7.2%}" for n, k, m, x, s in rows]
+    return "\n".join(lines)
+
+
+def neuron_quantiles(ffn: torch.Tensor, count: int = QUANTILES) -> torch.Tensor:
+    """(L, D) -> (L, count): each layer's neuron Fisher at evenly spaced quantiles, smallest to largest."""
+    points = torch.linspace(0, 1, count, dtype=ffn.dtype)
+    return torch.quantile(ffn, points, dim=1).T  # (count, L) -> (L, count)
+
+
+def merge_shares(fishers: Sequence[MaskFisher], normalize: Normalize) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Each model's share ``F_k / sum_j F_j`` of the merge weight: (K, L, H) for heads, (K, L, D) for neurons."""
+    heads = torch.stack([_normalized(f.head, normalize) for f in fishers])
+    ffn = torch.stack([_normalized(f.ffn, normalize) for f in fishers])
+    return heads / heads.sum(0).clamp_min(1e-30), ffn / ffn.sum(0).clamp_min(1e-30)
+
+
+def plot_mask_fishers(
+    fishers: Sequence[MaskFisher],
+    labels: Sequence[str],
+    out: Path,
+    *,
+    normalize: Normalize = Normalize.LAYER,
+    dpi: int = 100,
+) -> Tuple[int, int]:
+    """Heatmaps per model (heads, neuron quantiles) on one log colour scale, plus who dominates the merge.
+
+    Returns the PNG's (width, height) in pixels.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from matplotlib.colors import LogNorm
+        from matplotlib.ticker import MaxNLocator
+    except ImportError as error:
+        raise FisherMaskError(
+            "Plotting needs matplotlib: pip install 'mergekit-fisher-mask[plot]'"
+        ) from error
+    shapes = {(f.shape.num_layers, f.shape.num_heads, f.shape.intermediate_size) for f in fishers}
+    if len(shapes) != 1:
+        raise FisherMaskError(f"Files to plot side by side must come from models of one shape; got {sorted(shapes)}.")
+    columns = len(fishers) + (1 if len(fishers) > 1 else 0)
+    figure, axes = plt.subplots(2, columns, figsize=(4 * columns, 7), dpi=dpi, squeeze=False, layout="constrained")
+    panels = [(f.head, neuron_quantiles(f.ffn)) for f in fishers]
+    positive = torch.cat([torch.cat([h.flatten(), q.flatten()]) for h, q in panels])
+    positive = positive[positive > 0]
+    low, high = (float(positive.min()), float(positive.max())) if positive.numel() else (1e-12, 1.0)
+    scale = LogNorm(vmin=low, vmax=max(high, low * 10))
+    for column, ((heads, quantiles), label) in enumerate(zip(panels, labels)):
+        image = axes[0, column].imshow(heads.clamp_min(low).numpy(), aspect="auto", cmap="viridis", norm=scale)
+        axes[0, column].set(title=f"{label}\nhead Fisher", xlabel="head", ylabel="layer")
+        axes[1, column].imshow(quantiles.clamp_min(low).numpy(), aspect="auto", cmap="viridis", norm=scale)
+        axes[1, column].set(title="neuron Fisher quantiles", xlabel="quantile (0 -> 1)", ylabel="layer")
+    figure.colorbar(image, ax=axes[:, : len(fishers)].ravel().tolist(), shrink=0.8, label="Fisher (log scale)")
+    if len(fishers) > 1:
+        head_share, ffn_share = merge_shares(fishers, normalize)
+        colours = plt.get_cmap("tab10")
+        for row, share in ((0, head_share), (1, neuron_quantiles_share(ffn_share))):
+            winner = share.argmax(0)  # (L, N)
+            strength = share.amax(0)
+            rgba = torch.tensor([colours(int(k) % 10) for k in winner.flatten()]).view(*winner.shape, 4)
+            rgba[..., 3] = strength  # opaque where one model takes (nearly) all of the weight
+            axes[row, -1].imshow(rgba.numpy(), aspect="auto")
+        axes[0, -1].set(title=f"largest merge weight F_k / sum F\n(normalize={normalize.value})", xlabel="head")
+        axes[1, -1].set(title="neurons, grouped by winner", xlabel="neuron quantile")
+        handles = [plt.Rectangle((0, 0), 1, 1, color=colours(k % 10)) for k in range(len(fishers))]
+        axes[0, -1].legend(handles, labels, loc="upper right", fontsize=7)
+    for axis in axes.flat:
+        axis.yaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    figure.savefig(out, dpi=dpi)
+    width, height = figure.canvas.get_width_height()
+    plt.close(figure)
+    return width, height
+
+
+def neuron_quantiles_share(share: torch.Tensor) -> torch.Tensor:
+    """(K, L, D) -> (K, L, QUANTILES): per layer, neurons grouped by winning model and sorted by share, subsampled."""
+    order = (share.argmax(0) * 2 + share.amax(0)).argsort(dim=1)  # (L, D): winner first, then share in [0, 1]
+    ranked = torch.gather(share, 2, order.unsqueeze(0).expand_as(share))  # (K, L, D)
+    picks = torch.linspace(0, share.shape[2] - 1, QUANTILES).round().long()
+    return ranked[:, :, picks]
+
+
+def describe(paths: Sequence[str], top_k: int = 10) -> Dict[str, str]:
+    """Text report for each file: mask-Fisher files and full-Fisher folders are both accepted."""
+    from .fisher_file import load_mask_fisher
+
+    reports = {}
+    for path in paths:
+        reports[path] = format_full_summary(path) if Path(path).is_dir() else format_mask_summary(
+            path, load_mask_fisher(path), top_k
+        )
+    return reports

@@ -1,0 +1,81 @@
+"""`mergekit-fisher inspect`: numbers match hand computation; the PNG is a valid image of the expected size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import build_model
+
+from mergekit_fisher_mask import MaskFisher, NodeShape, save_mask_fisher
+from mergekit_fisher_mask.cli import main
+from mergekit_fisher_mask.expand import Normalize
+from mergekit_fisher_mask.inspection import merge_shares, neuron_quantiles, summarize_mask, top_share
+
+
+def fisher_file(path, seed, scale=1.0):
+    model = build_model("llama")
+    shape = NodeShape.from_config(model.config)
+    generator = torch.Generator().manual_seed(seed)
+    head = scale * torch.rand(shape.num_layers, shape.num_heads, generator=generator)
+    ffn = scale * torch.rand(shape.num_layers, shape.intermediate_size, generator=generator)
+    fisher = MaskFisher(head=head, ffn=ffn, shape=shape, fingerprint="x", samples=3, estimator="empirical", loss="l")
+    save_mask_fisher(fisher, path)
+    return fisher
+
+
+def test_summary_numbers_match_hand_computation(tmp_path):
+    fisher = fisher_file(tmp_path / "a.safetensors", seed=0)
+    summary = summarize_mask(fisher, top_k=3)
+    for layer in range(2):
+        assert summary.head_mean[layer] == pytest.approx(sum(fisher.head[layer].tolist()) / 4, rel=1e-6)
+        assert summary.ffn_max[layer] == pytest.approx(max(fisher.ffn[layer].tolist()))
+    flat = sorted(((v, l, h) for l, row in enumerate(fisher.head.tolist()) for h, v in enumerate(row)), reverse=True)
+    assert [(l, h) for _, l, h in flat[:3]] == [(l, h) for l, h, _ in summary.top_heads]
+    # 8 heads: the top 10% is the single largest head.
+    assert summary.head_top10_share == pytest.approx(flat[0][0] / sum(v for v, _, _ in flat), rel=1e-6)
+    assert top_share(torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])) == pytest.approx(0.1)
+
+
+def test_merge_shares_and_quantiles(tmp_path):
+    a = fisher_file(tmp_path / "a.safetensors", seed=0)
+    b = fisher_file(tmp_path / "b.safetensors", seed=1, scale=100.0)
+    heads, ffn = merge_shares([a, b], Normalize.NONE)
+    torch.testing.assert_close(heads[1], b.head / (a.head + b.head))
+    torch.testing.assert_close(heads.sum(0), torch.ones_like(a.head))
+    layer_heads, _ = merge_shares([a, b], Normalize.LAYER)
+    assert layer_heads[1].mean() < 0.9, "per-layer normalization removes the 100x scale advantage"
+    quantiles = neuron_quantiles(a.ffn, count=5)
+    torch.testing.assert_close(quantiles[:, 0], a.ffn.amin(dim=1))
+    torch.testing.assert_close(quantiles[:, -1], a.ffn.amax(dim=1))
+
+
+def test_cli_text_and_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib.image
+
+    paths = [tmp_path / "sentiment.safetensors", tmp_path / "spam.safetensors"]
+    for seed, path in enumerate(paths):
+        fisher_file(path, seed)
+    png = tmp_path / "heat.png"
+    result = CliRunner().invoke(main, ["inspect", *map(str, paths), "--plot", str(png), "--top-k", "2"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "top 10% of heads hold" in result.output and "top 2 heads" in result.output
+    image = matplotlib.image.imread(png)
+    assert image.shape[:2] == (700, 1200)  # 2 rows x 7 in at 100 dpi; 3 columns (2 models + merge weights) x 4 in
+
+
+def test_cli_full_fisher_summary(tmp_path):
+    from mergekit_fisher_mask.full_fisher import save_full_fisher
+
+    model = build_model("bert")
+    model.save_pretrained(tmp_path / "m")
+    fisher = {name: torch.full_like(p, 2.0) for name, p in model.named_parameters()}
+    save_full_fisher(fisher, tmp_path / "m", tmp_path / "full", {"model_type": "bert"})
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "full")], catch_exceptions=False)
+    assert result.exit_code == 0
+    total = sum(p.numel() for p in model.parameters())
+    line = next(l for l in result.output.splitlines() if "classifier.weight" in l)
+    share = model.classifier.weight.numel() / total
+    assert f"{share:.2%}" in line and "2.0000e+00" in line
