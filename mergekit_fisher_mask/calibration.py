@@ -272,12 +272,7 @@ def _prepare(model: str, data: str, settings: CalibrationSettings, accelerator, 
     labels = encode_labels(examples.labels, net.config, source=data) if examples.labels is not None else None
     dataset = CalibrationDataset(examples, tokenizer, max_length=settings.max_length, labels=labels)
     if task == CAUSAL_LM:
-        short = [i for i, e in enumerate(dataset.encodings) if sum(e["attention_mask"]) < 2]
-        if short:
-            raise CalibrationDataError(
-                f"Calibration data {data}: {len(short)} example(s) tokenize to fewer than two tokens, so they have "
-                "no next-token target. Remove very short texts."
-            )
+        dataset.drop_short(minimum_tokens=2, source=data)  # one token has no next-token target
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=settings.batch_size, shuffle=False, collate_fn=dataset.collate
     )

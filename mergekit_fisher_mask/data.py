@@ -157,6 +157,20 @@ class CalibrationDataset(torch.utils.data.Dataset):
         ]
         self.labels = labels
 
+    def drop_short(self, minimum_tokens: int, *, source: str) -> None:
+        """Drop examples with fewer than ``minimum_tokens`` tokens (warn); fail if none remain."""
+        keep = [i for i, e in enumerate(self.encodings) if sum(e["attention_mask"]) >= minimum_tokens]
+        if not keep:
+            raise CalibrationDataError(f"Calibration data {source}: every example has fewer than {minimum_tokens} tokens.")
+        if len(keep) < len(self.encodings):
+            LOG.warning(
+                "Calibration data %s: dropped %d example(s) with fewer than %d tokens.",
+                source, len(self.encodings) - len(keep), minimum_tokens,
+            )
+            self.encodings = [self.encodings[i] for i in keep]
+            if self.labels is not None:
+                self.labels = self.labels[keep]
+
     def __len__(self) -> int:
         return len(self.encodings)
 

@@ -1,0 +1,1 @@
+"""Runnable examples for mergekit-fisher-mask (assets, fine-tuning, merging)."""

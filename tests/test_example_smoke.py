@@ -1,0 +1,77 @@
+"""Smoke test of examples/paper_protocol: tiny random encoder, two tiny tasks, every method, real report files.
+
+Keeps the example from silently rotting; the real run is `python examples/paper_protocol/run.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from conftest import make_tokenizer, random_text
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(name: str, path: Path):
+    sys.path.insert(0, str(EXAMPLES))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the class is created
+    spec.loader.exec_module(module)
+    return module
+
+
+def tiny_task(cache: Path, assets, name: str, classes: int, seed: int) -> Path:
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(48):
+        text = random_text(generator)
+        rows.append({"text": text, "label": len(text.split()) % classes})  # learnable from length
+    return assets.write_task(cache, name, rows[:36], rows[36:], [f"c{i}" for i in range(classes)], {})
+
+
+def test_paper_protocol_pipeline_end_to_end(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    assets = load_example("assets", EXAMPLES / "assets.py")
+    finetune_classifier = load_example("finetune_classifier", EXAMPLES / "finetune_classifier.py")
+    protocol = load_example("paper_protocol_run", EXAMPLES / "paper_protocol" / "run.py")
+    monkeypatch.setattr(protocol, "SAMPLES", (8, 16))  # the real run uses 128 and 512
+
+    start = tmp_path / "start"  # a bare encoder, like the MiniLM checkpoint
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(
+        vocab_size=48, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+        max_position_embeddings=66, pad_token_id=0,
+    )).save_pretrained(start)
+    make_tokenizer(True).save_pretrained(start)
+
+    task_dirs = {"two": tiny_task(tmp_path, assets, "two", 2, 0), "three": tiny_task(tmp_path, assets, "three", 3, 1)}
+    models = {t: tmp_path / "models" / t for t in task_dirs}
+    reports = {t: finetune_classifier.finetune(start, task_dirs[t], models[t], max_train=36, batch_size=12, lr=1e-3)
+               for t in task_dirs}
+    methods = {"linear", "fisher_mask paper, none, batch est. (authors)", "fisher (full, L2-normalized), 128 samples"}
+    chosen = [m for m in protocol.METHODS if m.name in methods or m.uses_base]
+    # The real run's 128/512-sample Fisher files are the 8/16-sample ones here.
+    chosen = [dataclasses.replace(m, fisher=m.fisher.replace("512", "16").replace("128", "8")) for m in chosen]
+    monkeypatch.setattr(protocol, "METHODS", chosen)
+    results = tmp_path / "results"
+    report = protocol.run_protocol(models, task_dirs, start, tmp_path / "work", results, 12, reports, time.time())
+
+    assert set(report["methods"]) == {m.name for m in protocol.METHODS}
+    for entry in report["methods"].values():
+        cell = entry["per_combo"]["two+three"]
+        assert set(cell["accuracy"]) == {"two", "three"} and all(0 <= a <= 1 for a in cell["accuracy"].values())
+        assert cell["normalized"] == pytest.approx(
+            sum(cell["accuracy"][t] / report["tasks"][t]["individual_accuracy_capped"] for t in ("two", "three")) / 2)
+    assert json.loads((results / "results.json").read_text()) == report
+    assert "| linear |" in (results / "results.md").read_text()
+    for png in ("normalized_accuracy.png", "heatmaps.png"):
+        assert (results / png).stat().st_size > 1000
