@@ -69,7 +69,8 @@ def weighted_average(entries: List[TensorEntry], weights: Iterable[Weight]) -> t
     denominator: Weight = 0.0
     for entry, weight in zip(entries, weights):
         if isinstance(weight, torch.Tensor):
-            result.addcmul_(entry.tensor, weight.to(dtype))
+            weight = weight.to(device=first.device, dtype=dtype)  # Fisher lives on CPU; mergekit --cuda moves tensors
+            result.addcmul_(entry.tensor, weight)
         else:
             result.add_(entry.tensor, alpha=weight)
         if isinstance(weight, torch.Tensor) and isinstance(denominator, torch.Tensor):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from .architectures import ArchitectureSpec, NodeShape, get_architecture
+from .architectures import ARCHITECTURES, ArchitectureSpec, NodeShape, get_architecture
 from .errors import FisherFileError, FisherMaskError, RecipeError
 from .fingerprint import model_fingerprint, resolve_model_dir
 from .fisher_file import check_matches_model, load_mask_fisher
@@ -260,7 +260,8 @@ def run_fisher_merge(
     _set_base_model(recipe)
     inputs = _load_inputs(recipe)
     base = inputs[str(recipe.config["base_model"])]
-    spec: Optional[ArchitectureSpec] = None
+    # Task-head handling needs only the table's head pattern, so it applies to every method (linear too).
+    spec: Optional[ArchitectureSpec] = ARCHITECTURES.get(base.config.model_type)
     provenance: Dict[str, dict] = {}
     if plugin:
         _check_shapes(recipe, inputs)

@@ -173,3 +173,14 @@ def test_console_script_reports_user_errors_without_traceback(tmp_path):
     )
     assert result.returncode == 2
     assert "unknown key(s) 'mistake'" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_linear_merge_of_classifiers_with_different_heads(model_zoo, tmp_path):
+    three, two = model_zoo("bert", seed=1), model_zoo("bert", seed=2, num_labels=2)
+    recipe = write_recipe(tmp_path / "recipe.yml", {
+        "merge_method": "linear", "base_model": str(two),
+        "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in (three, two)],
+    })
+    invoke("merge", recipe, tmp_path / "out")
+    assert load("bert", tmp_path / "out").config.num_labels == 2
+    assert torch.equal(state(tmp_path / "out")["classifier.weight"], state(two)["classifier.weight"])

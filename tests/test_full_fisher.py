@@ -166,3 +166,14 @@ def test_fisher_method_end_to_end_with_calibration_data(model_zoo, text_data, tm
     assert len(list((tmp_path / "cache").glob("full-*/" + INDEX_NAME))) == 2
     assert "Fisher-weighted averaging" in (out / "README.md").read_text()
     assert load_file(next(out.glob("*.safetensors")))  # weights written
+
+
+def test_cli_calibrate_full_writes_a_readable_folder(model_zoo, text_data, tmp_path):
+    out = tmp_path / "full"
+    result = CliRunner().invoke(main, ["calibrate", str(model_zoo("gpt2")), "--data", str(text_data), "--out", str(out),
+                                       "--full", "--samples", "5", "--chunk-size", "2", "--quiet"],
+                                catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    reader = FullFisherReader(str(out))
+    assert reader.metadata["samples"] == "5" and reader.metadata["model_type"] == "gpt2"
+    assert "transformer.h.0.attn.c_attn.weight" in reader and reader.l2_norm > 0
