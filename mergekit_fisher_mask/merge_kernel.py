@@ -36,11 +36,15 @@ def _cached_node_weights(path: str, stamp: Tuple[int, int], normalize: Normalize
     return NodeWeights.from_fisher(fisher, normalize), fisher.shape.model_type
 
 
+def _stamp(path: str) -> Tuple[int, int]:
+    """Cache key part that changes when a file is rewritten, so a re-calibrated file is never served stale."""
+    stat = os.stat(path) if os.path.isfile(path) else None
+    return (stat.st_mtime_ns, stat.st_size) if stat else (0, 0)
+
+
 def node_weights(path: str, normalize: Normalize) -> Tuple[NodeWeights, ArchitectureSpec]:
     """Load (once per file version) a Fisher file's normalized node weights and its architecture."""
-    stat = os.stat(path) if os.path.isfile(path) else None
-    stamp = (stat.st_mtime_ns, stat.st_size) if stat else (0, 0)
-    nodes, model_type = _cached_node_weights(os.path.abspath(path), stamp, Normalize(normalize))
+    nodes, model_type = _cached_node_weights(os.path.abspath(path), _stamp(path), Normalize(normalize))
     return nodes, get_architecture(model_type, where=path)
 
 
@@ -124,8 +128,7 @@ def _cached_reader(path: str, stamp: Tuple[int, int]) -> FullFisherReader:
 def full_fisher_reader(path: str) -> FullFisherReader:
     """Open (once per file version) a full-Fisher folder's index; tensors are read on demand."""
     index = os.path.join(path, INDEX_NAME) if os.path.isdir(path) else path
-    stat = os.stat(index) if os.path.isfile(index) else None
-    return _cached_reader(os.path.abspath(path), (stat.st_mtime_ns, stat.st_size) if stat else (0, 0))
+    return _cached_reader(os.path.abspath(path), _stamp(index))
 
 
 def fisher_merge(

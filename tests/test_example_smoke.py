@@ -58,7 +58,8 @@ def test_paper_protocol_pipeline_end_to_end(tmp_path, monkeypatch):
     reports = {t: finetune_classifier.finetune(start, task_dirs[t], models[t], max_train=36, batch_size=12, lr=1e-3)
                for t in task_dirs}
     methods = {"linear", "fisher_mask paper, none, batch est. (authors)", "fisher (full, L2-normalized), 128 samples"}
-    chosen = [m for m in protocol.METHODS if m.name in methods or m.uses_base]
+    chosen = [m for m in protocol.METHODS if (m.name in methods or m.uses_base) and m.name != "linear"]
+    chosen.append(next(m for m in protocol.METHODS if m.name == "linear"))  # last: its cell is recomputed below
     # The real run's 128/512-sample Fisher files are the 8/16-sample ones here.
     chosen = [dataclasses.replace(m, fisher=m.fisher.replace("512", "16").replace("128", "8")) for m in chosen]
     monkeypatch.setattr(protocol, "METHODS", chosen)
@@ -71,6 +72,17 @@ def test_paper_protocol_pipeline_end_to_end(tmp_path, monkeypatch):
         assert set(cell["accuracy"]) == {"two", "three"} and all(0 <= a <= 1 for a in cell["accuracy"].values())
         assert cell["normalized"] == pytest.approx(
             sum(cell["accuracy"][t] / report["tasks"][t]["individual_accuracy_capped"] for t in ("two", "three")) / 2)
+    # Scoring a merge must leave the task models as they were: every later merge reads them.
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    task_models = {t: AutoModelForSequenceClassification.from_pretrained(models[t]) for t in models}
+    bodies = {t: {k: v.clone() for k, v in protocol.body(m.state_dict()).items()} for t, m in task_models.items()}
+    tests = {t: protocol.TestSet(task_dirs[t], AutoTokenizer.from_pretrained(models[t]), 12) for t in models}
+    merged = protocol.merge(chosen[-1], ["two", "three"], bodies, None, {})
+    protocol.score(merged, ["two", "three"], task_models, bodies, tests)
+    for task, model in task_models.items():
+        for name, value in protocol.body(model.state_dict()).items():
+            assert torch.equal(value, bodies[task][name]), name
     assert json.loads((results / "results.json").read_text()) == report
     assert "| linear |" in (results / "results.md").read_text()
     for png in ("normalized_accuracy.png", "heatmaps.png"):

@@ -184,7 +184,8 @@ def run_protocol(models: Dict[str, Path], task_dirs: Dict[str, Path], start_mode
     tokenizer = AutoTokenizer.from_pretrained(models[tasks[0]])
     tests = {task: TestSet(task_dirs[task], tokenizer, test_cap) for task in tasks}
     task_models = {task: AutoModelForSequenceClassification.from_pretrained(models[task]) for task in tasks}
-    bodies = {task: body(m.state_dict()) for task, m in task_models.items()}
+    # Clones: a state_dict aliases the live parameters, which each evaluation below overwrites.
+    bodies = {task: {k: v.clone() for k, v in body(m.state_dict()).items()} for task, m in task_models.items()}
     start = load_file(str(start_model / "model.safetensors"))
     base_body = {("bert." + k if not k.startswith("bert.") else k): v for k, v in start.items()}
     base_body = {k: base_body[k] for k in bodies[tasks[0]]}
@@ -202,13 +203,7 @@ def run_protocol(models: Dict[str, Path], task_dirs: Dict[str, Path], start_mode
         begin = time.time()
         merged = merge(method, combo, bodies, base_body, fishers)
         merge_seconds = time.time() - begin
-        scores = {}
-        for task in combo:
-            model = task_models[task]
-            original = body(model.state_dict())
-            model.load_state_dict(merged, strict=False)
-            scores[task] = tests[task].accuracy(model)
-            model.load_state_dict(original, strict=False)
+        scores = score(merged, combo, task_models, bodies, tests)
         cell.write_text(json.dumps({"method": method.name, "combo": combo, "accuracy": scores,
                                     "merge_seconds": merge_seconds}))
 
@@ -220,6 +215,17 @@ def run_protocol(models: Dict[str, Path], task_dirs: Dict[str, Path], start_mode
     heatmaps(fishers, tasks, results / "heatmaps.png")
     log(f"done in {time.time() - started:.0f} s; see {results}")
     return report
+
+
+def score(merged, combo, task_models, bodies, tests) -> Dict[str, float]:
+    """Accuracy of the merged body under each task's own head; each task model is restored afterwards."""
+    scores = {}
+    for task in combo:
+        model = task_models[task]
+        model.load_state_dict(merged, strict=False)
+        scores[task] = tests[task].accuracy(model)
+        model.load_state_dict(bodies[task], strict=False)  # bodies are clones, not views of these parameters
+    return scores
 
 
 def summarize(cells, individual, tests, test_cap, task_info, finetune_reports, started) -> dict:
