@@ -31,6 +31,8 @@ from .masks import MaskNodes
 LOG = logging.getLogger(__name__)
 
 ESTIMATORS = ("empirical", "expected", "sampled", "batch")
+# Saved activations one backward pass may hold (estimated); bigger batches are split into micro-batches.
+ACTIVATION_BUDGET_BYTES = 1 << 30
 CLASSIFICATION, CAUSAL_LM = "classification", "causal_lm"
 
 
@@ -46,6 +48,7 @@ class CalibrationSettings:
     text_columns: Optional[List[str]] = None
     label_column: Optional[str] = None
     mixed_precision: str = "no"
+    micro_batch_size: Optional[int] = None  # None: split batches automatically to bound activation memory
 
     def __post_init__(self):
         if self.estimator not in ESTIMATORS:
@@ -98,8 +101,15 @@ def compute_mask_fisher(
     seed: int = 0,
     progress: bool = True,
     mixed_precision: str = "no",
+    micro_batch_size: Optional[int] = None,
+    activation_budget_bytes: int = ACTIVATION_BUDGET_BYTES,
 ) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """Return ``(head_fisher (L, H), ffn_fisher (L, D), N)`` summed over all processes.
+
+    Each batch runs as micro-batches of ``micro_batch_size`` examples (default: as many as fit an estimated
+    ``activation_budget_bytes`` of saved activations), each trimmed to its own longest example. The result does
+    not depend on the split: per-example estimators sum per example, and ``batch`` sums the micro-batch gradients
+    before squaring.
 
     ``forward_fn(model, batch) -> (B,)`` overrides the per-example loss (empirical and batch estimators).
     ``mixed_precision`` ("bf16"/"fp16") autocasts the forward pass; "no" defers to the accelerator's own setting
@@ -132,12 +142,21 @@ def compute_mask_fisher(
     try:
         with MaskNodes(model, spec, shape) as nodes:
             for batch in tqdm(dataloader, desc="Mask Fisher", unit="batch", disable=not show):
-                batch_size = batch["input_ids"].shape[0]
-                masks = nodes.new_masks(batch_size, device)
-                with _autocast(mixed_precision, accelerator, device):
-                    squares = _batch_squares(model, batch, masks, task, estimator, forward_fn, generator)
-                sums.head += squares[0].double()
-                sums.ffn += squares[1].double()
+                batch_size, length = batch["input_ids"].shape
+                micro = micro_batch_size or auto_micro_batch_size(shape, length, activation_budget_bytes)
+                totals = [torch.zeros_like(sums.head), torch.zeros_like(sums.ffn)]
+                for part in _micro_batches(batch, micro):
+                    masks = nodes.new_masks(part["input_ids"].shape[0], device)
+                    with _autocast(mixed_precision, accelerator, device):
+                        contribution = _micro_batch_contribution(
+                            model, part, masks, task, estimator, forward_fn, generator
+                        )
+                    for total, value in zip(totals, contribution):
+                        total += value.double()
+                if estimator == "batch":  # square the gradient of the batch's mean loss
+                    totals = [(total / batch_size) ** 2 for total in totals]
+                sums.head += totals[0]
+                sums.ffn += totals[1]
                 sums.examples += batch_size
     finally:
         model.train(was_training)
@@ -161,8 +180,24 @@ def _autocast(mixed_precision: str, accelerator, device: torch.device):
     return accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
 
 
-def _batch_squares(model, batch, masks, task, estimator, forward_fn, generator) -> Sequence[torch.Tensor]:
-    """Sum over the batch of squared mask gradients (per example), or the squared batch gradient for ``batch``."""
+def auto_micro_batch_size(shape: NodeShape, length: int, budget_bytes: int = ACTIVATION_BUDGET_BYTES) -> int:
+    """Examples per backward pass so that saved activations stay near ``budget_bytes`` (a rough fp32 estimate)."""
+    # Per token and layer, backward keeps roughly six hidden-sized and four FFN-sized fp32 activations.
+    per_token = shape.num_layers * (6 * shape.hidden_size + 4 * shape.intermediate_size) * 4
+    return max(1, budget_bytes // (per_token * max(length, 1)))
+
+
+def _micro_batches(batch: Batch, size: int):
+    """Split a right-padded batch into micro-batches, each trimmed to its longest example."""
+    total = batch["input_ids"].shape[0]
+    for start in range(0, total, size):
+        part = {key: value[start : start + size] for key, value in batch.items()}
+        length = int(part["attention_mask"].sum(dim=1).max())
+        yield {key: value[:, :length] if value.dim() == 2 else value for key, value in part.items()}
+
+
+def _micro_batch_contribution(model, batch, masks, task, estimator, forward_fn, generator) -> Sequence[torch.Tensor]:
+    """(L, K) sums over the micro-batch: of squared per-example gradients, or of gradients for ``batch``."""
     if estimator == "expected":
         logits = classifier_logits(model, batch)  # (B, C)
         log_probs = torch.log_softmax(logits, dim=-1)
@@ -175,12 +210,11 @@ def _batch_squares(model, batch, masks, task, estimator, forward_fn, generator) 
                 acc += torch.einsum("b,lbk->lk", probs[:, c], grad.float() ** 2)  # (L, K)
         return out
 
-    losses = _per_example_losses(model, batch, task, estimator, forward_fn, generator)  # (B,)
+    losses = _per_example_losses(model, batch, task, estimator, forward_fn, generator)  # (b,)
+    grads = torch.autograd.grad(losses.sum(), masks)  # row n of each (L, b, K) gradient is dL_n/dm
     if estimator == "batch":
-        grads = torch.autograd.grad(losses.mean(), masks)
-        return [grad.float().sum(dim=1) ** 2 for grad in grads]  # (L, K): squared gradient of the batch mean
-    grads = torch.autograd.grad(losses.sum(), masks)
-    return [(grad.float() ** 2).sum(dim=1) for grad in grads]  # (L, B, K) -> (L, K)
+        return [grad.float().sum(dim=1) for grad in grads]  # (L, K)
+    return [(grad.float() ** 2).sum(dim=1) for grad in grads]  # (L, b, K) -> (L, K)
 
 
 def _per_example_losses(model, batch, task, estimator, forward_fn, generator) -> torch.Tensor:
@@ -307,6 +341,7 @@ def calibrate(
         seed=settings.seed,
         progress=progress,
         mixed_precision=settings.mixed_precision,
+        micro_batch_size=settings.micro_batch_size,
     )
     fisher = MaskFisher(
         head=head,

@@ -38,9 +38,11 @@ def main() -> None:
 @click.option("--estimator", type=click.Choice(ESTIMATORS), default="empirical", show_default=True)
 @click.option("--seed", default=0, show_default=True, help="Seed for shuffling the data and for sampled labels.")
 @click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]), default="no", show_default=True)
+@click.option("--micro-batch-size", type=int, default=None,
+              help="Examples per backward pass [default: automatic, about 1 GiB of activations]; same result.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def calibrate(model, data, out, full, chunk_size, samples, batch_size, max_length, text_columns, label_column,
-              estimator, seed, mixed_precision, quiet) -> None:
+              estimator, seed, mixed_precision, micro_batch_size, quiet) -> None:
     """Measure the Fisher information of MODEL's mask nodes (a local folder or a Hub id) on DATA."""
     from accelerate import PartialState
 
@@ -56,6 +58,7 @@ def calibrate(model, data, out, full, chunk_size, samples, batch_size, max_lengt
         text_columns=list(text_columns) or None,
         label_column=label_column,
         mixed_precision=mixed_precision,
+        micro_batch_size=micro_batch_size,
     )
     if full:
         fisher, count = calibrate_full(model, data, out, settings, chunk_size=chunk_size, progress=not quiet)

@@ -98,6 +98,31 @@ def test_batch_size_and_padding_do_not_change_the_result(arch, model_zoo, text_d
         assert_close(other.ffn, results[0].ffn)
 
 
+@pytest.mark.parametrize("estimator", ["empirical", "batch"])
+def test_micro_batches_do_not_change_the_result(estimator, model_zoo, text_data, tmp_path):
+    """Batches split into micro-batches (and trimmed to each one's longest example) give the same Fisher."""
+    results = [
+        calibrate(
+            str(model_zoo("llama")), str(text_data), tmp_path / f"m{micro}.safetensors",
+            CalibrationSettings(samples=12, batch_size=6, estimator=estimator, micro_batch_size=micro), progress=False,
+        )
+        for micro in (None, 1, 4)
+    ]
+    for other in results[1:]:
+        assert_close(other.head, results[0].head)
+        assert_close(other.ffn, results[0].ffn)
+
+
+def test_automatic_micro_batch_size_bounds_activations():
+    from mergekit_fisher_mask.calibration import auto_micro_batch_size
+
+    smollm2 = NodeShape("llama", 30, 9, 3, 64, 1536, 576)
+    minilm = NodeShape("bert", 6, 12, 12, 32, 1536, 384)
+    assert 4 <= auto_micro_batch_size(smollm2, 128) <= 8  # 32 x 128 tokens would hold ~4.6 GB of activations
+    assert auto_micro_batch_size(minilm, 64) >= 32  # MiniLM's batches run whole
+    assert auto_micro_batch_size(smollm2, 100_000) == 1
+
+
 @pytest.mark.parametrize("arch", ["bert", "llama"])
 def test_batch_estimator_squares_each_batch_mean_gradient(arch, model_zoo, text_data, tmp_path):
     fisher = calibrate(
