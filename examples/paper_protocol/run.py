@@ -308,8 +308,8 @@ def plot(report: dict, out: Path) -> None:
     axis.set_yticks(range(len(names)), names)
     axis.invert_yaxis()
     axis.axvline(report["methods"]["linear"]["pairs_mean_normalized"], color="tab:blue", linestyle=":", lw=1)
-    axis.set_xlabel("normalized accuracy (merged / individual): blue = mean over pairs, grey = each pair, "
-                    "red x = all tasks at once")
+    axis.set_xlabel("normalized accuracy (merged / individual)\n"
+                    "blue: mean over pairs, grey: each pair, red x: all tasks at once, dotted: linear")
     figure.savefig(out, dpi=110)
     plt.close(figure)
 
