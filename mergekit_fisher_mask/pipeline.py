@@ -300,6 +300,8 @@ def _heads_from_base(
     if policy == "merge":
         return []
     merged = [task_head_tensors(spec, inputs[str(e["model"])].directory) for e in recipe.model_entries()]
+    if not any(merged):  # no task heads at all (e.g. causal LMs): nothing to take from anywhere
+        return []
     if policy == "auto" and all(heads == merged[0] for heads in merged):
         return []
     names = sorted(task_head_tensors(spec, base.directory))

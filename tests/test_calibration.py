@@ -182,6 +182,28 @@ def test_chunked_lm_loss_equals_unchunked(model_zoo):
     torch.testing.assert_close(whole[0], reference)
 
 
+def test_fused_frozen_head_loss_matches_autograd():
+    """With a frozen head the loss and its gradient come from the fused path; both must equal plain autograd."""
+    from mergekit_fisher_mask.losses import causal_lm_losses
+
+    model = build_model("qwen3")
+    batch = {"input_ids": torch.randint(3, 200, (3, 9)), "attention_mask": torch.ones(3, 9, dtype=torch.long)}
+    batch["attention_mask"][2, 4:] = 0
+    embeddings = model.get_input_embeddings()
+    scale = torch.ones(3, 1, 1, requires_grad=True)  # a per-example input scale to differentiate against
+    handle = embeddings.register_forward_hook(lambda module, args, out: out * scale)
+    try:
+        plain = causal_lm_losses(model, batch, chunk_bytes=1)  # head requires grad: checkpointed chunks
+        (g_plain,) = torch.autograd.grad(plain.sum() + 2 * plain[1], scale)
+        model.requires_grad_(False)
+        fused = causal_lm_losses(model, batch, chunk_bytes=1)
+        (g_fused,) = torch.autograd.grad(fused.sum() + 2 * fused[1], scale)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(fused, plain)
+    torch.testing.assert_close(g_fused, g_plain)
+
+
 def test_parameters_stay_untouched(model_zoo, text_data, tmp_path):
     from mergekit_fisher_mask.calibration import compute_mask_fisher
     from mergekit_fisher_mask.data import CalibrationDataset, encode_labels, prepare_tokenizer

@@ -184,3 +184,13 @@ def test_linear_merge_of_classifiers_with_different_heads(model_zoo, tmp_path):
     invoke("merge", recipe, tmp_path / "out")
     assert load("bert", tmp_path / "out").config.num_labels == 2
     assert torch.equal(state(tmp_path / "out")["classifier.weight"], state(two)["classifier.weight"])
+
+
+def test_heads_base_on_models_without_task_heads_is_a_no_op(model_zoo, tmp_path):
+    models = [model_zoo("llama", seed=s) for s in (1, 2)]
+    recipe = write_recipe(tmp_path / "recipe.yml", {
+        "merge_method": "linear", "base_model": str(models[0]),
+        "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in models],
+    })
+    invoke("merge", recipe, tmp_path / "out", "--heads", "base")
+    load("llama", tmp_path / "out")
