@@ -147,7 +147,7 @@ def compute_mask_fisher(
                 totals = [torch.zeros_like(sums.head), torch.zeros_like(sums.ffn)]
                 for part in _micro_batches(batch, micro):
                     masks = nodes.new_masks(part["input_ids"].shape[0], device)
-                    with _autocast(mixed_precision, accelerator, device):
+                    with autocast_context(mixed_precision, accelerator, device):
                         contribution = _micro_batch_contribution(
                             model, part, masks, task, estimator, forward_fn, generator
                         )
@@ -170,7 +170,7 @@ def compute_mask_fisher(
     return head.float().cpu(), ffn.float().cpu(), examples
 
 
-def _autocast(mixed_precision: str, accelerator, device: torch.device):
+def autocast_context(mixed_precision: str, accelerator, device: torch.device):
     # Autocast per call rather than through Accelerator(mixed_precision=...): accelerate's state is a process-wide
     # singleton, so a second calibration with another precision in the same process would be refused.
     if mixed_precision in ("bf16", "fp16"):
@@ -275,8 +275,10 @@ class _Prepared:
     accelerator: object
 
 
-def _prepare(model: str, data: str, settings: CalibrationSettings, accelerator, **load_options) -> _Prepared:
-    """Resolve and load the model, select and tokenize the data, and shard it over processes."""
+def prepare_calibration(
+    model: str, data: str, settings: CalibrationSettings, accelerator=None, **load_options
+) -> _Prepared:
+    """Resolve and load the model, select and tokenize the data, and shard it over processes (for custom passes)."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration
     from transformers import AutoTokenizer
@@ -332,7 +334,7 @@ def calibrate(
     from .fisher_file import MaskFisher, save_mask_fisher
 
     settings = settings or CalibrationSettings()
-    run = _prepare(model, data, settings, accelerator)
+    run = prepare_calibration(model, data, settings, accelerator)
     head, ffn, count = compute_mask_fisher(
         run.net,
         run.loader,
@@ -381,7 +383,7 @@ def calibrate_full(
 
     settings = settings or CalibrationSettings()
     # Eager attention is plain matmuls that vmap batches; SDPA has no batching rule on CPU and would be looped.
-    run = _prepare(model, data, settings, accelerator, attn_implementation="eager")
+    run = prepare_calibration(model, data, settings, accelerator, attn_implementation="eager")
     fisher, count = compute_full_fisher(
         run.net,
         run.loader,

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch.func import functional_call, grad, vmap
 from tqdm.auto import tqdm
 
-from .calibration import CAUSAL_LM, CLASSIFICATION, ESTIMATORS, _autocast, task_of
+from .calibration import CAUSAL_LM, CLASSIFICATION, ESTIMATORS, autocast_context, task_of
 from .errors import CalibrationDataError, FisherFileError, FisherMaskError
 from .fingerprint import weight_files
 
@@ -96,7 +96,7 @@ def compute_full_fisher(
     try:
         for batch in tqdm(dataloader, desc="Full Fisher", unit="batch", disable=not show):
             ids, mask = batch["input_ids"], batch["attention_mask"]
-            with _autocast(mixed_precision, accelerator, device):
+            with autocast_context(mixed_precision, accelerator, device):
                 if estimator == "batch":
                     _add_batch_square(model, task, params, buffers, batch, sums)
                 else:

@@ -33,12 +33,12 @@ def measure_calibration(model: str, data: str, mode: str, samples: int, batch: i
     """Runs inside a fresh process: one pass of ``mode``; returns seconds (pass only) and peak RSS."""
     import torch
 
-    from mergekit_fisher_mask.calibration import CalibrationSettings, _prepare, compute_mask_fisher
+    from mergekit_fisher_mask.calibration import CalibrationSettings, compute_mask_fisher, prepare_calibration
     from mergekit_fisher_mask.full_fisher import compute_full_fisher
     from mergekit_fisher_mask.losses import model_inputs
 
     settings = CalibrationSettings(samples=samples, batch_size=batch, max_length=length)
-    run = _prepare(model, data, settings, None, **({"attn_implementation": "eager"} if mode == "full" else {}))
+    run = prepare_calibration(model, data, settings, None, **({"attn_implementation": "eager"} if mode == "full" else {}))
     loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
     if mode == "forward":

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from mergekit_fisher_mask import CalibrationSettings
-from mergekit_fisher_mask.calibration import _prepare, compute_mask_fisher
+from mergekit_fisher_mask.calibration import compute_mask_fisher, prepare_calibration
 from mergekit_fisher_mask.full_fisher import compute_full_fisher
 from mergekit_fisher_mask.losses import model_inputs
 
@@ -46,7 +46,7 @@ def timed(fn):
 
 def passes(model: str, data: str, batch: int, length: int, samples: int, chunk: int) -> dict:
     settings = CalibrationSettings(samples=samples, batch_size=batch, max_length=length)
-    run = _prepare(model, data, settings, None)
+    run = prepare_calibration(model, data, settings, None)
     report = {"device": str(run.accelerator.device)}
 
     def forward():
@@ -67,7 +67,7 @@ def passes(model: str, data: str, batch: int, length: int, samples: int, chunk: 
     report["bf16_vs_fp32_head_rel_error"] = float((bf16[0] - fp32[0]).abs().max() / fp32[0].abs().max())
     report["bf16_vs_fp32_head_spearman"] = spearman(bf16[0], fp32[0])
     report["bf16_vs_fp32_ffn_spearman"] = spearman(bf16[1], fp32[1])
-    eager = _prepare(model, data, settings, None, attn_implementation="eager")
+    eager = prepare_calibration(model, data, settings, None, attn_implementation="eager")
     _, report["full_fp32_s"], report["full_peak_cuda_mb"] = timed(
         lambda: compute_full_fisher(eager.net, eager.loader, accelerator=eager.accelerator, chunk_size=chunk,
                                     progress=False))
