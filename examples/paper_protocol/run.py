@@ -69,6 +69,8 @@ METHODS: List[Method] = [
            "mask-512-batch"),
     Method("fisher_mask nodes, layer, 128 samples", "fisher_mask", {"scheme": "nodes", "normalize": "layer"},
            "mask-128-empirical"),
+    Method("fisher_mask nodes, layer, expected est.", "fisher_mask", {"scheme": "nodes", "normalize": "layer"},
+           "mask-512-expected"),
     Method("fisher (full, L2-normalized), 128 samples", "fisher", {"normalize": True}, "full-128"),
     Method("ties (density 0.5)", "ties", {"weight": 1.0, "density": 0.5}, uses_base=True),
     Method("task_arithmetic (lambda 0.5)", "task_arithmetic", {"weight": 0.5}, uses_base=True),
@@ -106,7 +108,8 @@ def calibrate_all(models: Dict[str, Path], task_dirs: Dict[str, Path], work: Pat
     timings = {}
     for task, model in models.items():
         data = str(task_dirs[task] / "train.jsonl")
-        for samples, estimator in itertools.product(SAMPLES, ESTIMATORS):
+        # The label-free expected Fisher only at the larger size: it costs one backward pass per class.
+        for samples, estimator in [*itertools.product(SAMPLES, ESTIMATORS), (max(SAMPLES), "expected")]:
             key = f"mask-{samples}-{estimator}"
             out = work / "fisher" / task / f"{key}.safetensors"
             if not out.exists():
@@ -124,8 +127,10 @@ def calibrate_all(models: Dict[str, Path], task_dirs: Dict[str, Path], work: Pat
                     samples=samples, batch_size=32, max_length=MAX_LENGTH), chunk_size=8)
                 timings[f"{task}/{key}"] = time.time() - start
             paths[task][key] = str(out)
-    if timings:
-        (work / "calibration_timings.json").write_text(json.dumps(timings, indent=2))
+    if timings:  # add to the timings of earlier runs (cached files are not re-timed)
+        log_file = work / "calibration_timings.json"
+        earlier = json.loads(log_file.read_text()) if log_file.exists() else {}
+        log_file.write_text(json.dumps({**earlier, **timings}, indent=2))
     return paths
 
 
