@@ -8,6 +8,7 @@ merge therefore never leaves a folder that looks complete, and input checkpoints
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -39,6 +40,11 @@ class InputModel:
     reference: str
     directory: Path
     config: object
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Computed once per merge: it keys the calibration cache and checks each Fisher file."""
+        return model_fingerprint(self.directory)
 
 
 def default_cache_dir() -> Path:
@@ -126,7 +132,7 @@ def run_calibrations(recipe: Recipe, inputs: Dict[str, InputModel], cache_dir: P
     full = recipe.method == "fisher"
     for request in recipe.calibrations:
         model = inputs[request.model]
-        key = _calibration_cache_key(request, model_fingerprint(model.directory))
+        key = _calibration_cache_key(request, model.fingerprint)
         path = cache_dir / (f"full-{key}" if full else f"{key}.safetensors")
         done = (path / INDEX_NAME).is_file() if full else path.is_file()
         if done:
@@ -152,7 +158,7 @@ def _check_fishers(recipe: Recipe, inputs: Dict[str, InputModel], verify_fingerp
             )
         model = inputs[reference]
         where = f"Fisher file {fisher_path} (model {reference})"
-        fingerprint = model_fingerprint(model.directory) if verify_fingerprint else None
+        fingerprint = model.fingerprint if verify_fingerprint else None
         if recipe.method == "fisher":
             provenance[reference] = _check_full_fisher(fisher_path, model, fingerprint, where)
             continue
@@ -172,7 +178,8 @@ def _check_fishers(recipe: Recipe, inputs: Dict[str, InputModel], verify_fingerp
 
 
 def _check_full_fisher(path: str, model: InputModel, fingerprint: Optional[str], where: str) -> dict:
-    meta = FullFisherReader(path).metadata
+    reader = FullFisherReader(path)
+    meta = reader.metadata
     if meta.get("model_type") != model.config.model_type:
         raise FisherFileError(
             f"{where} was measured on a {meta.get('model_type')!r} model; this model is {model.config.model_type!r}."
@@ -189,7 +196,7 @@ def _check_full_fisher(path: str, model: InputModel, fingerprint: Optional[str],
         "estimator": meta.get("estimator"),
         "loss": meta.get("loss"),
         "data": data.get("source"),
-        "summary": f"L2 norm {FullFisherReader(path).l2_norm:.3e}",
+        "summary": f"L2 norm {reader.l2_norm:.3e}",
     }
 
 
