@@ -14,6 +14,14 @@ from typing import Mapping, Optional, Tuple
 from .errors import UnsupportedArchitectureError
 
 
+class Positions(str, enum.Enum):
+    """How a family encodes positions, which decides what happens past ``max_position_embeddings``."""
+
+    ABSOLUTE = "absolute"  # a learned table: longer inputs crash, so max_length is capped
+    AFTER_PAD = "after_pad"  # RoBERTa: the table starts at pad_token_id + 1, so pad_token_id + 1 fewer tokens fit
+    ROTARY = "rotary"  # RoPE and friends: longer inputs run, but past the length the model was trained on
+
+
 class Role(str, enum.Enum):
     """What a tensor is to the mask nodes; the merge scheme decides how each role is weighted."""
 
@@ -51,6 +59,7 @@ class ArchitectureSpec:
     tensors: Mapping[str, TensorRule]  # exact in-layer suffix -> rule
     embedding_pattern: str  # regex: tensors that get the model-wide mean under scheme "paper"
     task_head_pattern: str  # regex: task-specific head tensors (classifier / score)
+    positions: Positions = Positions.ROTARY
 
     def layer_and_rule(self, tensor_name: str) -> Tuple[Optional[int], Optional[TensorRule]]:
         """Return (layer index, rule) for a tensor name; (None, None) outside layers, rule None if uncovered."""
@@ -63,6 +72,15 @@ class ArchitectureSpec:
 
     def is_task_head(self, tensor_name: str) -> bool:
         return re.fullmatch(self.task_head_pattern, tensor_name) is not None
+
+    def position_limit(self, config) -> Tuple[Optional[int], bool]:
+        """(most tokens the model takes, whether more would crash); (None, False) if the config names no limit."""
+        limit = getattr(config, "max_position_embeddings", None)
+        if not limit:
+            return None, False
+        if self.positions == Positions.AFTER_PAD:
+            return limit - (config.pad_token_id or 0) - 1, True
+        return limit, self.positions != Positions.ROTARY
 
 
 def _linear_pair(suffix: str, role: Role, axis: int) -> dict:
@@ -125,7 +143,7 @@ _GPT2_TENSORS = {
 _PREFIX = r"(?:[A-Za-z_][A-Za-z0-9_]*\.)?"
 
 
-def _bert_like(name: str) -> ArchitectureSpec:
+def _bert_like(name: str, positions: Positions = Positions.ABSOLUTE) -> ArchitectureSpec:
     return ArchitectureSpec(
         name=name,
         layers="encoder.layer",
@@ -135,6 +153,7 @@ def _bert_like(name: str) -> ArchitectureSpec:
         tensors=_BERT_TENSORS,
         embedding_pattern=_PREFIX + r"(?:embeddings\.(?!position_ids).+|pooler\..+)",
         task_head_pattern=r"classifier\..+",
+        positions=positions,
     )
 
 
@@ -153,8 +172,8 @@ def _llama_like(name: str) -> ArchitectureSpec:
 
 ARCHITECTURES: Mapping[str, ArchitectureSpec] = {
     "bert": _bert_like("BERT"),
-    "roberta": _bert_like("RoBERTa"),
-    "xlm-roberta": _bert_like("XLM-RoBERTa"),
+    "roberta": _bert_like("RoBERTa", Positions.AFTER_PAD),
+    "xlm-roberta": _bert_like("XLM-RoBERTa", Positions.AFTER_PAD),
     "llama": _llama_like("Llama"),
     "mistral": _llama_like("Mistral"),
     "qwen2": _llama_like("Qwen2"),
@@ -168,6 +187,7 @@ ARCHITECTURES: Mapping[str, ArchitectureSpec] = {
         tensors=_GPT2_TENSORS,
         embedding_pattern=_PREFIX + r"(?:wte|wpe)\.weight",
         task_head_pattern=r"score\..+",
+        positions=Positions.ABSOLUTE,
     ),
 }
 
@@ -215,6 +235,3 @@ class NodeShape:
             intermediate_size=intermediate or 4 * hidden,
             hidden_size=hidden,
         )
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)

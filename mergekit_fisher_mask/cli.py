@@ -9,11 +9,10 @@ from pathlib import Path
 import click
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
-from . import register
-from .calibration import ESTIMATORS, CalibrationSettings
 from .errors import FisherMaskError
-from .expand import Normalize
+from .merge import Normalize, register
 from .pipeline import HEAD_POLICIES, run_fisher_merge
+from .settings import CalibrationSettings, calibration_options
 
 
 @click.group()
@@ -28,48 +27,26 @@ def main() -> None:
 @click.option("--data", required=True, help="Local .jsonl/.json/.csv/.parquet/.txt file, or a datasets name[:config][@split].")
 @click.option("--out", required=True, type=click.Path(), help="Output .safetensors file (a folder with --full).")
 @click.option("--full", is_flag=True, help="Full diagonal Fisher of every parameter (for merge method `fisher`).")
-@click.option("--chunk-size", default=8, show_default=True,
-              help="--full only: examples whose per-example gradients are held at once (memory ~ chunk x model).")
-@click.option("--samples", default=256, show_default=True, help="Number of calibration examples.")
-@click.option("--batch-size", default=16, show_default=True, help="Examples per forward/backward pass (per process).")
-@click.option("--max-length", default=256, show_default=True, help="Truncate examples to this many tokens.")
-@click.option("--text-column", "text_columns", multiple=True, help="Text column; give twice for sentence pairs.")
-@click.option("--label-column", default=None, help="Label column for classifiers [default: label].")
-@click.option("--estimator", type=click.Choice(ESTIMATORS), default="empirical", show_default=True)
-@click.option("--seed", default=0, show_default=True, help="Seed for shuffling the data and for sampled labels.")
-@click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]), default="no", show_default=True)
-@click.option("--micro-batch-size", type=int, default=None,
-              help="Examples per backward pass [default: automatic, about 1 GiB of activations]; same result.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it already holds a Fisher of this tool.")
+@calibration_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def calibrate(model, data, out, full, chunk_size, samples, batch_size, max_length, text_columns, label_column,
-              estimator, seed, mixed_precision, micro_batch_size, quiet) -> None:
+def calibrate(model, data, out, full, overwrite, settings: CalibrationSettings, quiet) -> None:
     """Measure the Fisher information of MODEL's mask nodes (a local folder or a Hub id) on DATA."""
     from accelerate import PartialState
 
-    from .calibration import calibrate as run_calibration
-    from .calibration import calibrate_full
+    from .calibrate.api import calibrate as calibrate_mask
+    from .calibrate.api import calibrate_full
 
-    settings = CalibrationSettings(
-        samples=samples,
-        batch_size=batch_size,
-        max_length=max_length,
-        estimator=estimator,
-        seed=seed,
-        text_columns=list(text_columns) or None,
-        label_column=label_column,
-        mixed_precision=mixed_precision,
-        micro_batch_size=micro_batch_size,
-    )
     if full:
-        fisher, count = calibrate_full(model, data, out, settings, chunk_size=chunk_size, progress=not quiet)
+        fisher, count = calibrate_full(model, data, out, settings, overwrite=overwrite, progress=not quiet)
         if PartialState().is_main_process:
             click.echo(f"Wrote {out}: full Fisher of {len(fisher)} tensors from {count} samples", err=True)
         return
-    fisher = run_calibration(model, data, out, settings, progress=not quiet)
+    fisher = calibrate_mask(model, data, out, settings, overwrite=overwrite, progress=not quiet)
     if PartialState().is_main_process:
         click.echo(
             f"Wrote {out}: {fisher.samples} samples, estimator {fisher.estimator}, loss {fisher.loss}, "
-            f"head_fisher {tuple(fisher.head.shape)}, ffn_fisher {tuple(fisher.ffn.shape)}",
+            f"dtype {fisher.dtype}, head_fisher {tuple(fisher.head.shape)}, ffn_fisher {tuple(fisher.ffn.shape)}",
             err=True,
         )
 
@@ -121,7 +98,7 @@ def merge(merge_options: MergeOptions, config_file, out_path, overwrite, heads, 
               help="Normalization used for the merge-weight panel of --plot (as in the merge).")
 def inspect(files, plot, top_k, normalize) -> None:
     """Summarize Fisher FILES (mask-Fisher files or full-Fisher folders) and optionally plot them side by side."""
-    from .fisher_file import load_mask_fisher
+    from .files import load_mask_fisher
     from .inspection import describe, plot_mask_fishers
 
     for report in describe(files, top_k).values():
@@ -136,7 +113,7 @@ def inspect(files, plot, top_k, normalize) -> None:
 
 
 def run() -> None:
-    """Console entry point: user errors print one clear line and exit 2, without a traceback."""
+    """Console entry point: user errors print one clear line and exit 2, without a traceback; bugs keep theirs."""
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("mergekit_fisher_mask").setLevel(logging.INFO)
     try:
@@ -146,7 +123,7 @@ def run() -> None:
     except click.ClickException as error:
         error.show()
         sys.exit(error.exit_code)
-    except (FisherMaskError, FileNotFoundError) as error:
+    except FisherMaskError as error:
         click.echo(f"Error: {error}", err=True)
         sys.exit(2)
 

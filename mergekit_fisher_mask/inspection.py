@@ -9,8 +9,8 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 
 from .errors import FisherMaskError
-from .expand import Normalize, _normalized
-from .fisher_file import MaskFisher
+from .files import FullFisherReader, MaskFisher, load_mask_fisher
+from .merge.expand import Normalize, normalized
 
 QUANTILES = 20  # columns of the neuron heatmap: quantiles of each layer's neuron Fisher
 
@@ -77,8 +77,6 @@ def format_mask_summary(path: str, fisher: MaskFisher, top_k: int = 10) -> str:
 
 def format_full_summary(path: str) -> str:
     """Per-tensor summary of a full-Fisher folder, read one tensor at a time."""
-    from .full_fisher import FullFisherReader
-
     reader = FullFisherReader(path)
     rows = []
     for name in reader.weight_map:
@@ -105,8 +103,8 @@ def neuron_quantiles(ffn: torch.Tensor, count: int = QUANTILES) -> torch.Tensor:
 
 def merge_shares(fishers: Sequence[MaskFisher], normalize: Normalize) -> Tuple[torch.Tensor, torch.Tensor]:
     """Each model's share ``F_k / sum_j F_j`` of the merge weight: (K, L, H) for heads, (K, L, D) for neurons."""
-    heads = torch.stack([_normalized(f.head, normalize) for f in fishers])
-    ffn = torch.stack([_normalized(f.ffn, normalize) for f in fishers])
+    heads = torch.stack([normalized(f.head, normalize) for f in fishers])
+    ffn = torch.stack([normalized(f.ffn, normalize) for f in fishers])
     return heads / heads.sum(0).clamp_min(1e-30), ffn / ffn.sum(0).clamp_min(1e-30)
 
 
@@ -181,8 +179,6 @@ def neuron_quantiles_share(share: torch.Tensor) -> torch.Tensor:
 
 def describe(paths: Sequence[str], top_k: int = 10) -> Dict[str, str]:
     """Text report for each file: mask-Fisher files and full-Fisher folders are both accepted."""
-    from .fisher_file import load_mask_fisher
-
     reports = {}
     for path in paths:
         reports[path] = format_full_summary(path) if Path(path).is_dir() else format_mask_summary(

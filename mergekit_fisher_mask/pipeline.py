@@ -1,37 +1,42 @@
 """``mergekit-fisher merge``: check everything, calibrate what is missing, run mergekit, publish the folder atomically.
 
-Order matters: every check that can fail runs before anything is written, mergekit writes into a hidden sibling
-folder, and only a finished merge (weights, task head, config, card) is renamed to the output path. An interrupted
-merge therefore never leaves a folder that looks complete, and input checkpoints are only ever read.
+Order matters: every check that can fail runs before anything is written (the output path against every input,
+the recipe, every model folder, every Fisher file), mergekit writes into a hidden sibling folder, and only a
+finished merge (weights, task head, config, card, and last the marker file) is renamed to the output path. An
+interrupted merge therefore never leaves a folder that looks complete, a folder this tool did not write is never
+replaced, and inputs are only ever read.
+
+This is the one module that uses both :mod:`.calibrate` and :mod:`.merge`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import torch
+
 from .architectures import ARCHITECTURES, ArchitectureSpec, NodeShape, get_architecture
+from .calibrate.api import calibrate as calibrate_mask
+from .calibrate.api import calibrate_full
+from .checkpoints import check_weights, load_config, model_fingerprint, resolve_model_dir
 from .errors import FisherFileError, FisherMaskError, RecipeError
-from .fingerprint import model_fingerprint, resolve_model_dir
-from .fisher_file import check_matches_model, load_mask_fisher
-from .full_fisher import INDEX_NAME, FullFisherReader
-from .heads import copy_task_head, excluding_weights, task_head_tensors
+from .files import FullFisherReader, check_matches_model, is_full_fisher_dir, is_mask_fisher_file, load_mask_fisher
 from .inspection import summarize_mask
-from .model_card import write_model_card
-from .recipe import PLUGIN_METHODS, CalibrationRequest, Recipe, load_recipe
+from .merge.heads import copy_task_head, excluding_weights, task_head_tensors
+from .merge.model_card import write_model_card
+from .merge.recipe import PLUGIN_METHODS, CalibrationRequest, Recipe, load_recipe
+from .outputs import check_no_overlap, check_replaceable, publish, staged_folder
 
 LOG = logging.getLogger(__name__)
 
-MARKER = "fisher_merge.json"  # written last: its presence means the folder holds a finished merge
+MARKER = "fisher_merge.json"  # written last: its presence means the folder holds a finished merge of this tool
 HEAD_POLICIES = ("auto", "base", "merge")
 
 
@@ -54,35 +59,44 @@ def default_cache_dir() -> Path:
     return Path(root)
 
 
-def check_output_dir(out_path: str, overwrite: bool) -> None:
-    """Refuse a non-empty output folder (it may hold a previous merge) unless ``overwrite``."""
-    out = Path(out_path)
-    if out.exists() and not out.is_dir():
-        raise FisherMaskError(f"Output path {out} exists and is not a folder.")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        what = "a previous merge" if (out / MARKER).exists() or (out / "config.json").exists() else "files"
-        raise FisherMaskError(f"Output folder {out} already holds {what}. Pass --overwrite to replace it.")
+def is_merge_output(folder: Path) -> bool:
+    return (Path(folder) / MARKER).is_file()
 
 
 def _load_inputs(recipe: Recipe) -> Dict[str, InputModel]:
-    from transformers import AutoConfig
-
-    references = [str(entry["model"]) for entry in recipe.model_entries()]
-    if recipe.config.get("base_model"):
-        references.append(str(recipe.config["base_model"]))
+    """Resolve every model once and read its config and weight headers, so a broken folder fails before any work."""
+    references = recipe.model_references() + ([recipe.base_model] if recipe.base_model else [])
     inputs = {}
     for reference in dict.fromkeys(references):
         if "+" in reference and not os.path.exists(reference):
             raise RecipeError(f"{recipe.path}: model {reference!r}: LoRA references are not supported; merge the LoRA first.")
         directory = resolve_model_dir(reference)
-        inputs[reference] = InputModel(reference, directory, AutoConfig.from_pretrained(directory))
+        config = load_config(directory)
+        check_weights(directory)
+        inputs[reference] = InputModel(reference, directory, config)
     return inputs
+
+
+def _check_output(out_path: str, recipe: Recipe, inputs: Dict[str, InputModel], cache_dir: Path, overwrite: bool) -> None:
+    """The output may replace only a previous merge of this tool, and may never touch an input."""
+    protected = {f"input model {m.reference!r} at": m.directory for m in inputs.values()}
+    protected["the recipe"] = Path(recipe.path)
+    protected["the Fisher cache"] = cache_dir
+    for location in recipe.model_locations():
+        fisher = recipe.fisher_path(location)
+        if fisher and os.path.exists(fisher):
+            protected[f"the Fisher file of {recipe.entry(location)['model']!r},"] = Path(fisher)
+    for request in recipe.calibrations:
+        if os.path.exists(request.data):
+            protected[f"the calibration data of {request.model!r},"] = Path(request.data)
+    check_no_overlap(out_path, protected, option="output")
+    check_replaceable(out_path, overwrite=overwrite, is_ours=is_merge_output, what="a previous merge", folder=True)
 
 
 def _check_shapes(recipe: Recipe, inputs: Dict[str, InputModel]) -> NodeShape:
     """All merged models must be supported and share one node layout and vocabulary size."""
     shapes = {}
-    for reference in (str(entry["model"]) for entry in recipe.model_entries()):
+    for reference in recipe.model_references():
         config = inputs[reference].config
         shapes[reference] = (NodeShape.from_config(config, where=f"model {reference}"), config.vocab_size)
     first_ref, first = next(iter(shapes.items()))
@@ -109,64 +123,65 @@ def _check_slices(recipe: Recipe) -> None:
         position = next(iter(ranges))[1]
 
 
-def _calibration_cache_key(request: CalibrationRequest, fingerprint: str) -> str:
-    data = request.data
+def calibration_cache_key(request: CalibrationRequest, model: InputModel) -> str:
+    """What a cached calibration depends on: the weights, the data (and its file's size and time), and the settings
+    that change the result, with ``dtype: auto`` resolved for this machine. Placement (device map, micro-batches)
+    is left out."""
     stamp = None
-    if os.path.isfile(data):
-        stat = os.stat(data)
+    if os.path.isfile(request.data):
+        stat = os.stat(request.data)
         stamp = [stat.st_size, stat.st_mtime_ns]
-    payload = json.dumps(
-        {"fingerprint": fingerprint, "data": data, "stamp": stamp, "settings": request.settings.as_dict()}, sort_keys=True
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()[:32]
+    settings = request.settings.result_fields()
+    settings["dtype"] = request.settings.dtype.resolve(model.config, on_gpu=torch.cuda.is_available())
+    payload = {"fingerprint": model.fingerprint, "data": request.data, "stamp": stamp, "settings": settings}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def run_calibrations(recipe: Recipe, inputs: Dict[str, InputModel], cache_dir: Path, *, progress: bool = True) -> None:
+def run_calibrations(recipe: Recipe, inputs: Dict[str, InputModel], cache_dir: Path, *, progress: bool = True) -> Recipe:
     """Calibrate each model that has ``calibration_data`` and no ``fisher``, reusing cached results.
 
-    ``fisher_mask`` gets a mask-Fisher file, ``fisher`` a full-Fisher folder (its index is written last, so a
-    folder with an index is complete).
+    Returns the recipe with every calibrated model's ``fisher`` path filled in. ``fisher_mask`` gets a mask-Fisher
+    file, ``fisher`` a full-Fisher folder (both appear under their final name only when complete).
     """
-    from . import calibration
-
     full = recipe.method == "fisher"
+    paths = {}
     for request in recipe.calibrations:
         model = inputs[request.model]
-        key = _calibration_cache_key(request, model.fingerprint)
+        key = calibration_cache_key(request, model)
         path = cache_dir / (f"full-{key}" if full else f"{key}.safetensors")
-        done = (path / INDEX_NAME).is_file() if full else path.is_file()
-        if done:
+        if is_full_fisher_dir(path) if full else is_mask_fisher_file(path):
             LOG.info("Using cached Fisher for %s: %s", request.model, path)
         elif full:
             LOG.info("Calibrating full Fisher of %s on %s -> %s", request.model, request.data, path)
-            calibration.calibrate_full(str(model.directory), request.data, path, request.settings, progress=progress)
+            calibrate_full(str(model.directory), request.data, path, request.settings, progress=progress)
         else:
             LOG.info("Calibrating %s on %s -> %s", request.model, request.data, path)
-            calibration.calibrate(str(model.directory), request.data, path, request.settings, progress=progress)
-        request.parameters["fisher"] = str(path)
+            calibrate_mask(str(model.directory), request.data, path, request.settings, progress=progress)
+        paths[request.location] = str(path)
+    return recipe.with_fisher_paths(paths)
 
 
 def _check_fishers(recipe: Recipe, inputs: Dict[str, InputModel], verify_fingerprint: bool) -> Dict[str, dict]:
-    """Load and validate every Fisher file against its model; return per-model calibration provenance."""
+    """Load and check every model's Fisher against that model; return provenance for the model card."""
     provenance = {}
-    for entry in recipe.model_entries():
-        reference = str(entry["model"])
-        fisher_path = (entry.get("parameters") or {}).get("fisher")
-        if fisher_path is None:
-            raise RecipeError(
-                f"{recipe.path}: model {reference!r} has neither `fisher` nor `calibration_data` in its parameters."
-            )
+    for location in recipe.model_locations():
+        reference = str(recipe.entry(location)["model"])
+        path = recipe.fisher_path(location)
+        if path is None:
+            continue  # the kernel reports models without a Fisher, with mergekit's view of the recipe
+        if not isinstance(path, str):
+            raise RecipeError(f"{recipe.path}: model {reference}: `fisher` must be a single path, got {path!r}.")
         model = inputs[reference]
-        where = f"Fisher file {fisher_path} (model {reference})"
         fingerprint = model.fingerprint if verify_fingerprint else None
+        where = f"Fisher file {path} (model {reference})"
         if recipe.method == "fisher":
-            provenance[reference] = _check_full_fisher(fisher_path, model, fingerprint, where)
+            provenance[reference] = _check_full_fisher(path, model, fingerprint, where)
             continue
-        fisher = load_mask_fisher(fisher_path)
-        check_matches_model(fisher, NodeShape.from_config(model.config), fingerprint, where=where)
+        fisher = load_mask_fisher(path)
+        check_matches_model(fisher, NodeShape.from_config(model.config, where=reference), fingerprint, where=where)
         summary = summarize_mask(fisher)
         provenance[reference] = {
-            "fisher": str(fisher_path),
+            "fisher": str(path),
             "samples": fisher.samples,
             "estimator": fisher.estimator,
             "loss": fisher.loss,
@@ -200,46 +215,16 @@ def _check_full_fisher(path: str, model: InputModel, fingerprint: Optional[str],
     }
 
 
-@contextlib.contextmanager
-def _staging_dir(out_path: str):
-    """A hidden sibling folder for the merge; removed unless it was published."""
-    out = Path(out_path).absolute()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        yield staging
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _publish(staging: Path, out_path: str) -> None:
-    """Move the finished merge into place; an existing (overwritten) folder is replaced only at the very end."""
-    umask = os.umask(0)
-    os.umask(umask)
-    # mkdtemp (and mergekit's shard writer) create private files; the result should look like any saved model.
-    os.chmod(staging, 0o777 & ~umask)
-    for file in staging.iterdir():
-        os.chmod(file, 0o666 & ~umask)
-    out = Path(out_path).absolute()
-    previous = None
-    if out.exists():
-        previous = out.with_name(f".{out.name}.replaced-{os.getpid()}")
-        os.replace(out, previous)
-    os.replace(staging, out)
-    if previous is not None:
-        shutil.rmtree(previous, ignore_errors=True)
-
-
-def _set_base_model(recipe: Recipe) -> None:
-    if recipe.config.get("base_model"):
-        return
-    first = str(recipe.model_entries()[0]["model"])
+def _with_base_model(recipe: Recipe) -> Recipe:
+    if recipe.base_model:
+        return recipe
+    first = recipe.model_references()[0]
     LOG.warning(
         "The recipe has no base_model: taking the config, tokenizer and task head from the first model, %s. "
         "Set base_model to choose another.",
         first,
     )
-    recipe.config["base_model"] = first
+    return recipe.with_base_model(first)
 
 
 def run_fisher_merge(
@@ -257,16 +242,17 @@ def run_fisher_merge(
 
     if heads not in HEAD_POLICIES:
         raise FisherMaskError(f"heads must be one of {', '.join(HEAD_POLICIES)}, got {heads!r}.")
+    cache_dir = Path(cache_dir or default_cache_dir())
     recipe = load_recipe(recipe_path)
-    check_output_dir(out_path, overwrite)
-    if not recipe.model_entries():
+    if not recipe.model_locations():
         raise RecipeError(f"{recipe_path}: the recipe names no models.")
     plugin = recipe.method in PLUGIN_METHODS
     if recipe.calibrations and not plugin:
         raise RecipeError(f"{recipe_path}: calibration_data is only used by {', '.join(PLUGIN_METHODS)}.")
-    _set_base_model(recipe)
+    recipe = _with_base_model(recipe)
     inputs = _load_inputs(recipe)
-    base = inputs[str(recipe.config["base_model"])]
+    _check_output(out_path, recipe, inputs, cache_dir, overwrite)
+    base = inputs[recipe.base_model]
     # Task-head handling needs only the table's head pattern, so it applies to every method (linear too).
     spec: Optional[ArchitectureSpec] = ARCHITECTURES.get(base.config.model_type)
     provenance: Dict[str, dict] = {}
@@ -276,7 +262,7 @@ def run_fisher_merge(
         spec = get_architecture(base.config.model_type, where=f"base model {base.reference}")
     merge_config = recipe.merge_configuration()  # validate before the (slow) calibration
     if plugin:
-        run_calibrations(recipe, inputs, cache_dir or default_cache_dir(), progress=not merge_options.quiet)
+        recipe = run_calibrations(recipe, inputs, cache_dir, progress=not merge_options.quiet)
         provenance = _check_fishers(recipe, inputs, verify_fingerprint)
         merge_config = recipe.merge_configuration()  # now with the calibrated `fisher` paths
 
@@ -287,8 +273,8 @@ def run_fisher_merge(
             "copy_tokenizer": merge_options.copy_tokenizer and _has_tokenizer(base.directory),
         }
     )
-    with _staging_dir(out_path) as staging:
-        with excluding_weights(spec, head_names):
+    with staged_folder(out_path) as staging:
+        with excluding_weights(head_names):
             run_merge(merge_config, str(staging), options=options, config_source=recipe.source_text)
         if head_names:
             copy_task_head(base.directory, staging, head_names, dtype=merge_config.out_dtype or merge_config.dtype)
@@ -296,7 +282,7 @@ def run_fisher_merge(
         (staging / MARKER).write_text(
             json.dumps({"method": recipe.method, "models": provenance, "heads_from_base": head_names}, indent=2)
         )
-        _publish(staging, out_path)
+        publish(staging, out_path)
     return Path(out_path)
 
 
@@ -306,7 +292,7 @@ def _heads_from_base(
     """Names of task-head tensors to take from the base model instead of merging (empty: merge them)."""
     if policy == "merge":
         return []
-    merged = [task_head_tensors(spec, inputs[str(e["model"])].directory) for e in recipe.model_entries()]
+    merged = [task_head_tensors(spec, inputs[reference].directory) for reference in recipe.model_references()]
     if not any(merged):  # no task heads at all (e.g. causal LMs): nothing to take from anywhere
         return []
     if policy == "auto" and all(heads == merged[0] for heads in merged):

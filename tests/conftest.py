@@ -92,6 +92,15 @@ def save_model(path: Path, arch: str, seed: int = 0, **overrides) -> Path:
     return path
 
 
+def load_reference_model(model_dir) -> torch.nn.Module:
+    """The model in float32 on the CPU, loaded with the Auto class its head needs (for reference computations)."""
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    auto = transformers.AutoModelForCausalLM
+    if config.architectures[0].endswith("ForSequenceClassification"):
+        auto = transformers.AutoModelForSequenceClassification
+    return auto.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
 def random_text(generator: torch.Generator, low: int = 3, high: int = 12) -> str:
     length = int(torch.randint(low, high, (1,), generator=generator))
     return " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (length,), generator=generator))

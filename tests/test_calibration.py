@@ -9,21 +9,20 @@ import sys
 
 import pytest
 import torch
-from conftest import ARCHS, CLASSIFIERS, build_model
+from conftest import ARCHS, CLASSIFIERS, build_model, load_reference_model
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
 from mergekit_fisher_mask import CalibrationSettings, calibrate, get_architecture, load_mask_fisher
 from mergekit_fisher_mask.architectures import NodeShape
-from mergekit_fisher_mask.calibration import load_calibration_model
-from mergekit_fisher_mask.data import select_examples
+from mergekit_fisher_mask.calibrate.data import select_examples
 
 REL = 1e-5
 
 
 def reference_gradients(model_dir, texts, labels):
     """Per-example mask gradients (N, L, H) and (N, L, D): batch of one, no padding, masks as explicit tensors."""
-    model = load_calibration_model(model_dir).eval()
+    model = load_reference_model(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     shape = NodeShape.from_config(model.config)
     spec = get_architecture(shape.model_type)
@@ -67,7 +66,7 @@ def assert_close(actual, expected, rel=REL):
 def examples_for(arch, text_data, samples=10):
     needs_labels = arch in CLASSIFIERS
     data = select_examples(str(text_data), samples=samples, seed=0, needs_labels=needs_labels)
-    return data.texts, data.labels
+    return data.examples, data.labels
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
@@ -114,13 +113,18 @@ def test_micro_batches_do_not_change_the_result(estimator, model_zoo, text_data,
 
 
 def test_automatic_micro_batch_size_bounds_activations():
-    from mergekit_fisher_mask.calibration import auto_micro_batch_size
+    from mergekit_fisher_mask.calibrate import auto_micro_batch_size
 
     smollm2 = NodeShape("llama", 30, 9, 3, 64, 1536, 576)
     minilm = NodeShape("bert", 6, 12, 12, 32, 1536, 384)
-    assert 4 <= auto_micro_batch_size(smollm2, 128) <= 8  # 32 x 128 tokens would hold ~4.6 GB of activations
-    assert auto_micro_batch_size(minilm, 64) >= 32  # MiniLM's batches run whole
-    assert auto_micro_batch_size(smollm2, 100_000) == 1
+    cpu = 1 << 30  # the CPU budget
+    assert 4 <= auto_micro_batch_size(smollm2, 128, cpu) <= 8  # 32 x 128 tokens would hold ~4.6 GB of activations
+    assert auto_micro_batch_size(minilm, 64, cpu) >= 32  # MiniLM's batches run whole
+    assert auto_micro_batch_size(smollm2, 100_000, cpu) == 1
+    # Under checkpointing only layer inputs are kept, so many more examples fit; half-precision doubles that again.
+    checkpointed = auto_micro_batch_size(smollm2, 128, cpu, checkpointing=True)
+    assert checkpointed >= 8 * auto_micro_batch_size(smollm2, 128, cpu)
+    assert auto_micro_batch_size(smollm2, 128, cpu, dtype_bytes=2, checkpointing=True) >= 2 * checkpointed - 1
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])
@@ -143,7 +147,7 @@ def test_expected_estimator_matches_reference(model_zoo, text_data, tmp_path):
         CalibrationSettings(samples=6, batch_size=4, estimator="expected"), progress=False,
     )
     texts, _ = examples_for("bert", text_data, samples=6)
-    model = load_calibration_model(model_dir).eval()
+    model = load_reference_model(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     probs = torch.stack([model(**tokenizer(*t, return_tensors="pt")).logits.softmax(-1)[0] for t in texts]).detach()
     head, ffn = 0, 0
@@ -170,7 +174,7 @@ def test_sampled_estimator_is_reproducible_and_differs_from_empirical(model_zoo,
 
 
 def test_chunked_lm_loss_equals_unchunked(model_zoo):
-    from mergekit_fisher_mask.losses import causal_lm_losses
+    from mergekit_fisher_mask.calibrate.losses import causal_lm_losses
 
     model = build_model("llama")
     batch = {"input_ids": torch.randint(3, 200, (3, 9)), "attention_mask": torch.ones(3, 9, dtype=torch.long)}
@@ -184,7 +188,7 @@ def test_chunked_lm_loss_equals_unchunked(model_zoo):
 
 def test_fused_frozen_head_loss_matches_autograd():
     """With a frozen head the loss and its gradient come from the fused path; both must equal plain autograd."""
-    from mergekit_fisher_mask.losses import causal_lm_losses
+    from mergekit_fisher_mask.calibrate.losses import causal_lm_losses
 
     model = build_model("qwen3")
     batch = {"input_ids": torch.randint(3, 200, (3, 9)), "attention_mask": torch.ones(3, 9, dtype=torch.long)}
@@ -205,16 +209,16 @@ def test_fused_frozen_head_loss_matches_autograd():
 
 
 def test_parameters_stay_untouched(model_zoo, text_data, tmp_path):
-    from mergekit_fisher_mask.calibration import compute_mask_fisher
-    from mergekit_fisher_mask.data import CalibrationDataset, encode_labels, prepare_tokenizer
+    from mergekit_fisher_mask import compute_mask_fisher
+    from mergekit_fisher_mask.calibrate.data import CalibrationDataset, encode_labels, prepare_tokenizer
 
     model_dir = model_zoo("bert")
-    model = load_calibration_model(model_dir)
+    model = load_reference_model(model_dir)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     data = select_examples(str(text_data), samples=8, seed=0, needs_labels=True)
     dataset = CalibrationDataset(
         data, prepare_tokenizer(AutoTokenizer.from_pretrained(model_dir)), max_length=32,
-        labels=encode_labels(data.labels, model.config, source="test"),
+        labels=encode_labels(data, model.config, source="test"), source="test",
     )
     loader = torch.utils.data.DataLoader(dataset, batch_size=4, collate_fn=dataset.collate)
     model.train()

@@ -9,8 +9,8 @@ from huggingface_hub import ModelCard, ModelCardData
 
 import mergekit_fisher_mask.hub as hub
 from mergekit_fisher_mask.cli import main
-from mergekit_fisher_mask.model_card import write_model_card
-from mergekit_fisher_mask.recipe import Recipe
+from mergekit_fisher_mask.merge.model_card import write_model_card
+from mergekit_fisher_mask.merge.recipe import Recipe
 
 
 @pytest.fixture
@@ -43,7 +43,7 @@ def test_card_of_a_real_merge_loads_and_carries_the_details(recipe_file, tmp_pat
 def test_card_lists_hub_ids_as_base_models(tmp_path):
     (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
     text = "merge_method: fisher_mask\nmodels:\n  - model: org/a\n  - model: org/b\n"
-    recipe = Recipe(config=yaml.safe_load(text), source_text=text, path=str(tmp_path / "r.yml"))
+    recipe = Recipe(yaml.safe_load(text), source_text=text, path=str(tmp_path / "r.yml"))
     write_model_card(tmp_path, recipe, {}, heads_from=None)
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.base_model == ["org/a", "org/b"] and card.data.pipeline_tag == "text-generation"
@@ -61,7 +61,7 @@ def test_missing_token_fails_before_any_work(recipe_file, tmp_path, monkeypatch)
 def test_failed_merge_never_pushes(recipe_file, tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.get_token", lambda: "hf_test")
     monkeypatch.setattr(hub, "push_folder", lambda *a, **k: pytest.fail("pushed a failed merge"))
-    import mergekit_fisher_mask.merge_kernel as kernel
+    import mergekit_fisher_mask.merge.kernels as kernel
 
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")

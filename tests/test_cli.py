@@ -104,16 +104,16 @@ def test_classifiers_with_different_num_labels_take_head_from_base(model_zoo, tm
 
     # A re-run reuses the cached Fisher files instead of calibrating again.
     stamps = {p: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}
-    import mergekit_fisher_mask.calibration as calibration
+    import mergekit_fisher_mask.pipeline as pipeline
 
     def fail(*args, **kwargs):
         raise AssertionError("calibrated again despite the cache")
 
-    original, calibration.calibrate = calibration.calibrate, fail
+    original, pipeline.calibrate_mask = pipeline.calibrate_mask, fail
     try:
         invoke("merge", recipe, out, "--fisher-cache", cache, "--overwrite")
     finally:
-        calibration.calibrate = original
+        pipeline.calibrate_mask = original
     assert stamps == {p: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}
 
 

@@ -22,7 +22,7 @@ from mergekit_fisher_mask.errors import (
     RecipeError,
     UnsupportedArchitectureError,
 )
-from mergekit_fisher_mask.fisher_file import load_mask_fisher
+from mergekit_fisher_mask.files import load_mask_fisher
 from mergekit_fisher_mask.pipeline import MARKER, run_fisher_merge
 
 OPTIONS = MergeOptions(quiet=True)
@@ -59,15 +59,19 @@ def merge_fails(tmp_path, recipe_path, error, match, **kwargs):
 
 
 def test_unsupported_architecture(tmp_path, text_data):
-    config = transformers.DistilBertConfig(vocab_size=48, dim=32, n_layers=1, n_heads=4, hidden_dim=48, num_labels=3)
-    model = transformers.DistilBertForSequenceClassification(config)
-    model.save_pretrained(tmp_path / "distil")
-    make_tokenizer(True).save_pretrained(tmp_path / "distil")
-    with pytest.raises(UnsupportedArchitectureError, match=r"'distilbert' is not supported.*bert, gpt2, llama"):
-        calibrate(str(tmp_path / "distil"), str(text_data), tmp_path / "f.safetensors", progress=False)
+    config = transformers.BloomConfig(vocab_size=320, hidden_size=32, n_layer=1, n_head=4)
+    folders = [tmp_path / "bloom-a", tmp_path / "bloom-b"]
+    for seed, folder in enumerate(folders):
+        torch.manual_seed(seed)
+        model = transformers.BloomForCausalLM(config)
+        model.config.architectures = ["BloomForCausalLM"]
+        model.save_pretrained(folder)
+        make_tokenizer(False).save_pretrained(folder)
+    with pytest.raises(UnsupportedArchitectureError, match=r"'bloom' is not supported.*bert, gpt2, llama"):
+        calibrate(str(folders[0]), str(text_data), tmp_path / "f.safetensors", progress=False)
     assert not (tmp_path / "f.safetensors").exists()
-    recipe_path = recipe(tmp_path, [tmp_path / "distil"] * 2, [tmp_path / "x.safetensors"] * 2)
-    merge_fails(tmp_path, recipe_path, UnsupportedArchitectureError, "distilbert")
+    recipe_path = recipe(tmp_path, folders, [tmp_path / "x.safetensors"] * 2)
+    merge_fails(tmp_path, recipe_path, UnsupportedArchitectureError, "bloom")
 
 
 def test_models_of_different_shapes(model_zoo, fishers, tmp_path):
@@ -185,7 +189,7 @@ def test_previous_merge_is_refused_unless_overwrite(fishers, tmp_path):
 
 
 def test_interrupted_merge_leaves_nothing_that_looks_complete(fishers, tmp_path, monkeypatch):
-    import mergekit_fisher_mask.merge_kernel as kernel
+    import mergekit_fisher_mask.merge.kernels as kernel
 
     models, paths = fishers
     path = recipe(tmp_path, models, paths)

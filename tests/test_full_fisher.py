@@ -8,22 +8,21 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import CLASSIFIERS, save_model
+from conftest import CLASSIFIERS, load_reference_model, save_model
 from mergekit.merge_methods import merge_state_dicts
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-import mergekit_fisher_mask.full_fisher as full_fisher
-from mergekit_fisher_mask.calibration import CalibrationSettings, calibrate_full, load_calibration_model
+import mergekit_fisher_mask.files.full as full_fisher
+from mergekit_fisher_mask import FISHER, CalibrationSettings, calibrate_full
+from mergekit_fisher_mask.calibrate.data import select_examples
 from mergekit_fisher_mask.cli import main
-from mergekit_fisher_mask.data import select_examples
-from mergekit_fisher_mask.full_fisher import INDEX_NAME, FullFisherReader
-from mergekit_fisher_mask.merge_kernel import FISHER
+from mergekit_fisher_mask.files import INDEX_NAME, FullFisherReader
 
 
 def reference_full_fisher(model_dir, texts, labels):
     """Batch of one, no padding, ordinary backward: (1/N) sum_n grad_n^2 per parameter."""
-    model = load_calibration_model(model_dir).eval()
+    model = load_reference_model(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     sums = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
     for n, text in enumerate(texts):
@@ -41,10 +40,10 @@ def test_full_fisher_matches_batch_of_one_reference(arch, model_zoo, text_data, 
     model_dir = model_zoo(arch)
     out = tmp_path / "full"
     fisher, count = calibrate_full(
-        str(model_dir), str(text_data), out, CalibrationSettings(samples=6, batch_size=4), chunk_size=3, progress=False
+        str(model_dir), str(text_data), out, CalibrationSettings(samples=6, batch_size=4, chunk_size=3), progress=False
     )
     data = select_examples(str(text_data), samples=6, seed=0, needs_labels=arch in CLASSIFIERS)
-    reference = reference_full_fisher(model_dir, data.texts, data.labels)
+    reference = reference_full_fisher(model_dir, data.examples, data.labels)
     assert count == 6 and set(fisher) == set(reference)
     scale = max(r.abs().max() for r in reference.values())
     for name, ref in reference.items():

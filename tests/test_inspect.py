@@ -9,7 +9,7 @@ from conftest import build_model
 
 from mergekit_fisher_mask import MaskFisher, NodeShape, save_mask_fisher
 from mergekit_fisher_mask.cli import main
-from mergekit_fisher_mask.expand import Normalize
+from mergekit_fisher_mask.merge.expand import Normalize
 from mergekit_fisher_mask.inspection import merge_shares, neuron_quantiles, summarize_mask, top_share
 
 
@@ -67,7 +67,7 @@ def test_cli_text_and_png(tmp_path):
 
 
 def test_cli_full_fisher_summary(tmp_path):
-    from mergekit_fisher_mask.full_fisher import save_full_fisher
+    from mergekit_fisher_mask.files import save_full_fisher
 
     model = build_model("bert")
     model.save_pretrained(tmp_path / "m")

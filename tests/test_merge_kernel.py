@@ -163,7 +163,7 @@ def test_every_tensor_matches_hand_computation(arch, scheme, normalize, tmp_path
 
 
 def test_model_normalization_and_gqa_sum(tmp_path):
-    from mergekit_fisher_mask.expand import NodeWeights, Normalize
+    from mergekit_fisher_mask.merge.expand import NodeWeights, Normalize
 
     model = build_model("llama")
     fisher = write_fisher(tmp_path / "f.safetensors", model, seed=0)

@@ -33,23 +33,27 @@ def measure_calibration(model: str, data: str, mode: str, samples: int, batch: i
     """Runs inside a fresh process: one pass of ``mode``; returns seconds (pass only) and peak RSS."""
     import torch
 
-    from mergekit_fisher_mask.calibration import CalibrationSettings, compute_mask_fisher, prepare_calibration
-    from mergekit_fisher_mask.full_fisher import compute_full_fisher
-    from mergekit_fisher_mask.losses import model_inputs
+    from mergekit_fisher_mask import (
+        CalibrationSettings,
+        compute_full_fisher,
+        compute_mask_fisher,
+        model_inputs,
+        prepare_calibration,
+    )
 
-    settings = CalibrationSettings(samples=samples, batch_size=batch, max_length=length)
+    settings = CalibrationSettings(samples=samples, batch_size=batch, max_length=length, chunk_size=chunk)
     run = prepare_calibration(model, data, settings, None, **({"attn_implementation": "eager"} if mode == "full" else {}))
     loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     start = time.perf_counter()
     if mode == "forward":
         with torch.inference_mode():
             for batch_ in run.loader:
-                run.net(**model_inputs(batch_))
+                run.model(**model_inputs(batch_))
     elif mode in ("mask", "mask-batch"):
-        compute_mask_fisher(run.net, run.loader, estimator="batch" if mode == "mask-batch" else "empirical",
+        compute_mask_fisher(run.model, run.loader, estimator="batch" if mode == "mask-batch" else "empirical",
                             accelerator=run.accelerator, progress=False)
     else:
-        compute_full_fisher(run.net, run.loader, accelerator=run.accelerator, chunk_size=chunk, progress=False)
+        compute_full_fisher(run.model, run.loader, accelerator=run.accelerator, chunk_size=chunk, progress=False)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"seconds": seconds, "peak_rss_mb": peak, "rss_after_load_mb": loaded_rss}
@@ -169,8 +173,7 @@ def main(argv=None) -> int:
             "smollm2", lm_models[0], lm_data, 32, 128, 32, 4, args.repeats),
     }
 
-    from mergekit_fisher_mask import CalibrationSettings, calibrate
-    from mergekit_fisher_mask.calibration import calibrate_full
+    from mergekit_fisher_mask import CalibrationSettings, calibrate, calibrate_full
 
     fishers, sizes = {}, {}
     for model, data, length in [(m, minilm_data if m in classifiers else lm_data, 64 if m in classifiers else 128)
@@ -184,7 +187,7 @@ def main(argv=None) -> int:
         full = work / f"{model.name}.full"
         if not (full / "fisher.safetensors.index.json").exists():
             calibrate_full(str(model), str(data), full, CalibrationSettings(samples=32, max_length=length,
-                                                                             batch_size=32), chunk_size=chunk,
+                                                                             batch_size=32, chunk_size=chunk),
                            progress=False)
         sizes[model.name] = {"mask_file_bytes": size_of(fishers[model]), "full_fisher_bytes": size_of(full),
                              "model_weights_bytes": size_of(model / "model.safetensors")}

@@ -20,10 +20,13 @@ from pathlib import Path
 
 import torch
 
-from mergekit_fisher_mask import CalibrationSettings
-from mergekit_fisher_mask.calibration import compute_mask_fisher, prepare_calibration
-from mergekit_fisher_mask.full_fisher import compute_full_fisher
-from mergekit_fisher_mask.losses import model_inputs
+from mergekit_fisher_mask import (
+    CalibrationSettings,
+    compute_full_fisher,
+    compute_mask_fisher,
+    model_inputs,
+    prepare_calibration,
+)
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -52,10 +55,10 @@ def passes(model: str, data: str, batch: int, length: int, samples: int, chunk: 
     def forward():
         with torch.inference_mode():
             for b in run.loader:
-                run.net(**model_inputs(b))
+                run.model(**model_inputs(b))
 
     def mask(precision):
-        return compute_mask_fisher(run.net, run.loader, accelerator=run.accelerator, progress=False,
+        return compute_mask_fisher(run.model, run.loader, accelerator=run.accelerator, progress=False,
                                    mixed_precision=precision)
 
     forward()  # warm-up: CUDA context, kernels, allocator
@@ -69,7 +72,7 @@ def passes(model: str, data: str, batch: int, length: int, samples: int, chunk: 
     report["bf16_vs_fp32_ffn_spearman"] = spearman(bf16[1], fp32[1])
     eager = prepare_calibration(model, data, settings, None, attn_implementation="eager")
     _, report["full_fp32_s"], report["full_peak_cuda_mb"] = timed(
-        lambda: compute_full_fisher(eager.net, eager.loader, accelerator=eager.accelerator, chunk_size=chunk,
+        lambda: compute_full_fisher(eager.model, eager.loader, accelerator=eager.accelerator, chunk_size=chunk,
                                     progress=False))
     report["full_x_forward"] = report["full_fp32_s"] / report["forward_s"]
     print(json.dumps(report), flush=True)

@@ -35,7 +35,6 @@ from tqdm.auto import tqdm  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
 import mergekit_fisher_mask as mfm  # noqa: E402
-from mergekit_fisher_mask.calibration import calibrate_full  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MAX_LENGTH = 64
@@ -123,8 +122,8 @@ def calibrate_all(models: Dict[str, Path], task_dirs: Dict[str, Path], work: Pat
             out = work / "fisher" / task / key
             if not (out / "fisher.safetensors.index.json").exists():
                 start = time.time()
-                calibrate_full(str(model), data, out, mfm.CalibrationSettings(
-                    samples=samples, batch_size=32, max_length=MAX_LENGTH), chunk_size=8)
+                mfm.calibrate_full(str(model), data, out, mfm.CalibrationSettings(
+                    samples=samples, batch_size=32, max_length=MAX_LENGTH, chunk_size=8))
                 timings[f"{task}/{key}"] = time.time() - start
             paths[task][key] = str(out)
     if timings:  # add to the timings of earlier runs (cached files are not re-timed)

@@ -7,11 +7,12 @@ Its string metadata carries everything a merge needs to use it, and to refuse it
 ``format_version``  ``1``
 ``model_type``      HF ``model_type`` of the measured model
 ``num_layers``, ``num_heads``, ``num_kv_heads``, ``head_dim``, ``intermediate_size``, ``hidden_size``
-``fingerprint``     :func:`mergekit_fisher_mask.fingerprint.model_fingerprint` of the measured weights
+``fingerprint``     :func:`mergekit_fisher_mask.checkpoints.model_fingerprint` of the measured weights
 ``model``           the model reference as given by the user
 ``samples``         number of calibration examples N
 ``estimator``       ``empirical`` | ``expected`` | ``sampled`` | ``batch``
 ``loss``            ``cross_entropy`` | ``mse`` | ``causal_lm``
+``dtype``           the dtype the weights were loaded in (``float32`` for files written before it was recorded)
 ``data``            JSON description of the calibration data and settings
 ==================  ==========================================================
 """
@@ -28,8 +29,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .architectures import NodeShape
-from .errors import FisherFileError
+from ..architectures import NodeShape
+from ..errors import FisherFileError
+from ..outputs import staged_file
 
 FORMAT = "mergekit-fisher-mask/mask"
 FORMAT_VERSION = 1
@@ -49,6 +51,7 @@ class MaskFisher:
     loss: str
     model: str = ""
     data: Dict = field(default_factory=dict)
+    dtype: str = "float32"
 
     def metadata(self) -> Dict[str, str]:
         meta = {
@@ -60,6 +63,7 @@ class MaskFisher:
             "samples": str(self.samples),
             "estimator": self.estimator,
             "loss": self.loss,
+            "dtype": self.dtype,
             "data": json.dumps(self.data, sort_keys=True),
         }
         meta.update({key: str(getattr(self.shape, key)) for key in _SHAPE_KEYS})
@@ -67,15 +71,24 @@ class MaskFisher:
 
 
 def save_mask_fisher(fisher: MaskFisher, path: Union[str, os.PathLike]) -> Path:
-    """Validate and write atomically (a crash never leaves a half-written file under ``path``)."""
+    """Validate and write atomically (a crash never leaves a half-written file under ``path``).
+
+    The caller decides whether ``path`` may be replaced (see :func:`mergekit_fisher_mask.outputs.check_replaceable`).
+    """
     _check_tensors(fisher.head, fisher.ffn, fisher.shape, where=str(path))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
     tensors = {"head_fisher": fisher.head.float().contiguous(), "ffn_fisher": fisher.ffn.float().contiguous()}
-    save_file(tensors, str(partial), metadata=fisher.metadata())
-    os.replace(partial, path)
-    return path
+    with staged_file(path) as staging:
+        save_file(tensors, str(staging), metadata=fisher.metadata())
+    return Path(path)
+
+
+def is_mask_fisher_file(path: Union[str, os.PathLike]) -> bool:
+    """Whether ``path`` is a mask-Fisher file written by this tool (read from its header only)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get("format") == FORMAT
+    except (SafetensorError, OSError):
+        return False
 
 
 def load_mask_fisher(path: Union[str, os.PathLike]) -> MaskFisher:
@@ -120,6 +133,7 @@ def load_mask_fisher(path: Union[str, os.PathLike]) -> MaskFisher:
         loss=meta.get("loss", ""),
         model=meta.get("model", ""),
         data=data,
+        dtype=meta.get("dtype", "float32"),
     )
 
 

@@ -2,18 +2,22 @@
 
 transformers 5 has no ``head_mask``, so a head mask ``m[l, h]`` scales head ``h``'s slice of the input of the
 attention output projection, and a neuron mask ``m[l, i]`` scales channel ``i`` of the input of the FFN down
-projection. Masks are per example, shape ``(L, B, H)`` and ``(L, B, D)``: one backward pass of the summed loss then
-gives every example's own gradient ``dL_n/dm`` in row ``n``. At ``m = 1`` the model's outputs are unchanged.
+projection. Masks are per example, ``(B, H)`` and ``(B, D)`` for every layer: one backward pass of the summed loss
+then gives every example's own gradient ``dL_n/dm`` in row ``n``. At ``m = 1`` the model's outputs are unchanged.
+
+Each layer's masks are created the first time the layer runs, on the device its input arrives on, so they live
+on the layer's execution device whatever the device map; a recomputation under activation checkpointing reuses
+them.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import List, Optional
 
 import torch
 from torch import nn
 
-from .architectures import ArchitectureSpec, NodeShape
+from ..architectures import ArchitectureSpec, NodeShape
 
 
 class _HeadMaskHook:
@@ -23,13 +27,12 @@ class _HeadMaskHook:
         self.nodes, self.layer = nodes, layer
 
     def __call__(self, module: nn.Module, args: tuple) -> Optional[tuple]:
-        masks = self.nodes.head_masks
-        if masks is None:
+        if self.nodes.batch_size is None:
             return None
         x, *rest = args
         batch, seq, width = x.shape
         heads = self.nodes.shape.num_heads
-        mask = masks[self.layer].to(x.dtype)  # (B, H)
+        mask = self.nodes.mask(self.nodes.head, self.layer, heads, x.device).to(x.dtype)  # (B, H)
         x = x.reshape(batch, seq, heads, width // heads) * mask[:, None, :, None]  # (B, T, H, d)
         return (x.reshape(batch, seq, width), *rest)  # (B, T, H * d)
 
@@ -41,11 +44,11 @@ class _NeuronMaskHook:
         self.nodes, self.layer = nodes, layer
 
     def __call__(self, module: nn.Module, args: tuple) -> Optional[tuple]:
-        masks = self.nodes.ffn_masks
-        if masks is None:
+        if self.nodes.batch_size is None:
             return None
         x, *rest = args
-        mask = masks[self.layer].to(x.dtype)  # (B, D)
+        size = self.nodes.shape.intermediate_size
+        mask = self.nodes.mask(self.nodes.ffn, self.layer, size, x.device).to(x.dtype)  # (B, D)
         return (x * mask[:, None, :], *rest)  # (B, T, D)
 
 
@@ -59,8 +62,9 @@ class MaskNodes:
 
     def __init__(self, model: nn.Module, spec: ArchitectureSpec, shape: NodeShape):
         self.model, self.spec, self.shape = model, spec, shape
-        self.head_masks: Optional[torch.Tensor] = None  # (L, B, H)
-        self.ffn_masks: Optional[torch.Tensor] = None  # (L, B, D)
+        self.batch_size: Optional[int] = None  # None: hooks pass inputs through unchanged
+        self.head: List[Optional[torch.Tensor]] = []  # per layer: (B, H) on the layer's device
+        self.ffn: List[Optional[torch.Tensor]] = []  # per layer: (B, D)
         self._handles: list = []
 
     def __enter__(self) -> "MaskNodes":
@@ -82,13 +86,24 @@ class MaskNodes:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        self.head_masks = self.ffn_masks = None
+        self.batch_size = None
+        self.head, self.ffn = [], []
 
-    def new_masks(self, batch_size: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Fresh all-ones per-example masks that require grad; the hooks use them until the next call."""
-        shape = self.shape
-        self.head_masks = torch.ones(shape.num_layers, batch_size, shape.num_heads, device=device, requires_grad=True)
-        self.ffn_masks = torch.ones(
-            shape.num_layers, batch_size, shape.intermediate_size, device=device, requires_grad=True
-        )
-        return self.head_masks, self.ffn_masks
+    def reset(self, batch_size: int) -> None:
+        """Start a micro-batch of ``batch_size`` examples: fresh all-ones masks, made as each layer runs."""
+        self.batch_size = batch_size
+        self.head = [None] * self.shape.num_layers
+        self.ffn = [None] * self.shape.num_layers
+
+    def mask(self, masks: List[Optional[torch.Tensor]], layer: int, width: int, device: torch.device) -> torch.Tensor:
+        if masks[layer] is None:
+            masks[layer] = torch.ones(self.batch_size, width, device=device, requires_grad=True)
+        return masks[layer]
+
+    def created(self) -> List[torch.Tensor]:
+        """All masks of the current micro-batch, heads then neurons, layer by layer."""
+        masks = self.head + self.ffn
+        missing = [i % self.shape.num_layers for i, m in enumerate(masks) if m is None]
+        if missing:
+            raise RuntimeError(f"layer {missing[0]}'s mask hook never ran; is {self.spec.layers!r} the layer list?")
+        return masks

@@ -16,11 +16,10 @@ from mergekit.merge_methods import BasePolicy, InputContract, PerInput, TensorEn
 from pydantic import Field
 from typing_extensions import Annotated
 
-from .architectures import ArchitectureSpec, get_architecture
-from .errors import FisherFileError, FisherMaskError
+from ..architectures import ArchitectureSpec, get_architecture
+from ..errors import FisherFileError, FisherMaskError
+from ..files import INDEX_NAME, FullFisherReader, load_mask_fisher
 from .expand import NodeWeights, Normalize, Scheme, Weight, tensor_weight
-from .fisher_file import load_mask_fisher
-from .full_fisher import INDEX_NAME, FullFisherReader
 
 
 class Uncovered(str, enum.Enum):

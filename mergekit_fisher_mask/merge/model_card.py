@@ -41,7 +41,7 @@ def _is_hub_id(reference: str) -> bool:
 
 def write_model_card(staging: Path, recipe: Recipe, provenance: Dict[str, dict], *, heads_from: Optional[str]) -> None:
     """Write README.md and mergekit_config.yml (the user's recipe, verbatim) into the merged folder."""
-    models = [str(entry["model"]) for entry in recipe.model_entries()]
+    models = list(dict.fromkeys(recipe.model_references()))
     data = ModelCardData(
         base_model=[m for m in models if _is_hub_id(m)] or None,
         tags=["merge", "mergekit", "fisher-mask"],

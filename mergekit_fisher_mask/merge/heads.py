@@ -17,21 +17,15 @@ from mergekit.architecture.base import ModuleArchitecture, ModuleDefinition
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from .architectures import ArchitectureSpec
-from .fingerprint import weight_files
+from ..architectures import ArchitectureSpec
+from ..checkpoints import iter_tensor_headers
 
 INDEX = "model.safetensors.index.json"
 
 
 def task_head_tensors(spec: ArchitectureSpec, model_dir: Path) -> Dict[str, Tuple[int, ...]]:
-    """Names and shapes of a checkpoint's task-head tensors, read from safetensors headers only."""
-    heads = {}
-    for file in weight_files(Path(model_dir)):
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                if spec.is_task_head(name):
-                    heads[name] = tuple(handle.get_slice(name).get_shape())
-    return heads
+    """Names and shapes of a checkpoint's task-head tensors (read from safetensors headers only)."""
+    return {name: shape for name, _, shape, _, _ in iter_tensor_headers(Path(model_dir)) if spec.is_task_head(name)}
 
 
 class _WithoutWeights(ModuleArchitecture):
@@ -60,7 +54,7 @@ class _WithoutWeights(ModuleArchitecture):
 
 
 @contextlib.contextmanager
-def excluding_weights(spec: Optional[ArchitectureSpec], names: List[str]):
+def excluding_weights(names: List[str]):
     """Within the block, mergekit's ``run_merge`` plans no tensor in ``names``."""
     if not names:
         yield
@@ -92,12 +86,8 @@ def copy_task_head(base_dir: Path, out_dir: Path, names: List[str], dtype: Optio
     """Add the base model's ``names`` tensors to the merged checkpoint in ``out_dir`` as an extra shard."""
     from mergekit.common import dtype_from_name
 
-    tensors = {}
-    for file in weight_files(Path(base_dir)):
-        with safe_open(str(file), framework="pt") as handle:
-            for name in handle.keys():
-                if name in names:
-                    tensors[name] = handle.get_tensor(name)
+    wanted = set(names)
+    tensors = {name: rows(0, shape[0]) for name, _, shape, rows, _ in iter_tensor_headers(Path(base_dir)) if name in wanted}
     if dtype:
         tensors = {name: tensor.to(dtype_from_name(dtype)) for name, tensor in tensors.items()}
     weight_map = _weight_map(out_dir)

@@ -12,9 +12,9 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .architectures import Role, TensorRule
-from .errors import FisherFileError
-from .fisher_file import MaskFisher
+from ..architectures import Role, TensorRule
+from ..errors import FisherFileError
+from ..files import MaskFisher
 
 Weight = Union[torch.Tensor, float]
 
@@ -42,8 +42,8 @@ class NodeWeights:
     @classmethod
     def from_fisher(cls, fisher: MaskFisher, normalize: Normalize) -> "NodeWeights":
         return cls(
-            head=_normalized(fisher.head, normalize),
-            ffn=_normalized(fisher.ffn, normalize),
+            head=normalized(fisher.head, normalize),
+            ffn=normalized(fisher.ffn, normalize),
             num_kv_heads=fisher.shape.num_kv_heads,
             head_dim=fisher.shape.head_dim,
         )
@@ -58,12 +58,12 @@ class NodeWeights:
         return float(torch.cat([self.head.flatten(), self.ffn.flatten()]).mean())
 
 
-def _normalized(values: torch.Tensor, normalize: Normalize) -> torch.Tensor:
-    if normalize == Normalize.NONE:
+def normalized(values: torch.Tensor, normalize: Normalize) -> torch.Tensor:
+    """Node Fisher (L, K) scaled as ``normalize`` says; an all-zero model or layer stays zero."""
+    if Normalize(normalize) == Normalize.NONE:
         return values
     dims: Tuple[int, ...] = (0, 1) if normalize == Normalize.MODEL else (1,)
     mean = values.mean(dim=dims, keepdim=True)
-    # An all-zero model or layer carries no information: leave it at zero rather than divide by zero.
     return torch.where(mean > 0, values / mean.clamp_min(torch.finfo(values.dtype).tiny), values)
 
 

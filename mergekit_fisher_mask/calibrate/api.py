@@ -1,0 +1,241 @@
+"""Calibrate a model on data and write its Fisher file: every check first, then load, measure, write atomically."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Union
+
+import torch
+
+from ..architectures import ArchitectureSpec, NodeShape, get_architecture
+from ..checkpoints import load_config, model_fingerprint, resolve_model_dir
+from ..errors import ModelLoadError
+from ..files import MaskFisher, is_full_fisher_dir, is_mask_fisher_file, save_full_fisher, save_mask_fisher
+from ..outputs import check_no_overlap, check_replaceable
+from ..settings import CalibrationSettings, make_settings
+from ..tasks import Task, task_of
+from .data import CalibrationDataset, encode_labels, prepare_tokenizer, select_examples
+from .engine import check_estimator
+from .full_pass import compute_full_fisher
+from .mask_pass import compute_mask_fisher
+from .placement import load_model
+
+LOG = logging.getLogger(__name__)
+
+SettingsLike = Union[CalibrationSettings, Mapping[str, Any], None]
+
+
+@dataclass
+class PreparedCalibration:
+    """A loaded model and its sharded, tokenized calibration data, ready for a pass (see :func:`prepare_calibration`)."""
+
+    model_dir: Path
+    model: torch.nn.Module
+    loader: Any
+    description: Dict[str, Any]
+    accelerator: Any
+    settings: CalibrationSettings
+    task: Task
+    offload_dir: Optional[Path] = None
+
+    def cleanup(self) -> None:
+        """Remove this run's own offload folder (inside ``--offload-folder``), if any."""
+        if self.offload_dir is not None:
+            shutil.rmtree(self.offload_dir, ignore_errors=True)
+            self.offload_dir = None
+
+
+def make_accelerator():
+    """An Accelerator for calibration under any ``accelerate launch`` configuration."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    # Launched as several processes on a machine without GPUs, accelerate only picks CPU data parallelism (gloo)
+    # when told cpu=True; otherwise each process would silently calibrate on everything.
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    # even_batches=False: padding the last batch with repeated examples would count them twice.
+    return Accelerator(cpu=multi_cpu, dataloader_config=DataLoaderConfiguration(even_batches=False))
+
+
+def effective_max_length(requested: int, spec: ArchitectureSpec, config, where: str) -> int:
+    """Cap ``max_length`` at what the model's positions allow (saying so once); warn past a rotary model's length."""
+    limit, hard = spec.position_limit(config)
+    if limit is None or requested <= limit:
+        return requested
+    if hard:
+        LOG.warning("%s: max_length %d is more than the model's %d positions; using %d.", where, requested, limit, limit)
+        return limit
+    LOG.warning(
+        "%s: max_length %d is more than the %d positions the model was trained on; longer examples run, but the "
+        "model may behave unlike it does in use.",
+        where, requested, limit,
+    )
+    return requested
+
+
+def _settings(settings: SettingsLike) -> CalibrationSettings:
+    if settings is None:
+        return CalibrationSettings()
+    return settings if isinstance(settings, CalibrationSettings) else make_settings(settings)
+
+
+def prepare_calibration(
+    model: Union[str, os.PathLike],
+    data: str,
+    settings: SettingsLike = None,
+    accelerator=None,
+    *,
+    attn_implementation: Optional[str] = None,
+) -> PreparedCalibration:
+    """Resolve the model, select and tokenize the data (checked before any weight is loaded), load the model as the
+    settings place it, and shard the data over processes. For custom passes; call ``cleanup()`` when done."""
+    from torch.utils.data import DataLoader
+    from transformers import AutoTokenizer
+
+    settings = _settings(settings)
+    accelerator = accelerator or make_accelerator()
+    model_dir = resolve_model_dir(str(model))
+    config = load_config(model_dir)
+    spec = get_architecture(config.model_type, where=str(model_dir))
+    task = task_of(config, where=str(model_dir))
+    check_estimator(settings.estimator, task)
+    examples = select_examples(
+        data,
+        samples=settings.samples,
+        seed=settings.seed,
+        text_columns=settings.text_columns,
+        label_column=settings.label_column,
+        needs_labels=task != Task.CAUSAL_LM and settings.estimator.uses_labels,
+        chat_ok=task == Task.CAUSAL_LM,
+    )
+    labels = encode_labels(examples, config, source=data) if examples.labels is not None else None
+    max_length = effective_max_length(settings.max_length, spec, config, str(model_dir))
+    try:
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(model_dir))
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"{model_dir}: cannot load its tokenizer ({str(error).splitlines()[0]}).") from error
+    dataset = CalibrationDataset(examples, tokenizer, max_length=max_length, labels=labels, source=data)
+    if task == Task.CAUSAL_LM:
+        dataset.keep_scorable(source=data)
+    net, offload_dir = load_model(model_dir, config, settings, accelerator, attn_implementation=attn_implementation)
+    loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=False, collate_fn=dataset.collate)
+    # A device-mapped model takes its batches on its input device (the pass moves them), not on accelerator.device.
+    loader = accelerator.prepare_data_loader(loader, device_placement=not settings.device_map)
+    description = {
+        **examples.description,
+        "max_length": max_length,
+        "settings": settings.model_dump(mode="json"),
+        "processes": accelerator.num_processes,
+    }
+    return PreparedCalibration(model_dir, net, loader, description, accelerator, settings, task, offload_dir)
+
+
+def _check_out(out, model_dir: Path, *, overwrite: bool, full: bool) -> None:
+    check_no_overlap(out, {"the model folder": model_dir}, option="--out")
+    if full:
+        check_replaceable(out, overwrite=overwrite, is_ours=is_full_fisher_dir, what="a full Fisher", folder=True,
+                          option="--out")
+    else:
+        check_replaceable(out, overwrite=overwrite, is_ours=is_mask_fisher_file, what="a mask-Fisher file",
+                          folder=False, option="--out")
+
+
+def calibrate(
+    model: Union[str, os.PathLike],
+    data: str,
+    out: Union[str, os.PathLike],
+    settings: SettingsLike = None,
+    *,
+    overwrite: bool = False,
+    accelerator=None,
+    progress: bool = True,
+) -> MaskFisher:
+    """Measure the mask Fisher of ``model`` (folder or Hub id) on ``data``, write it to ``out``, return it.
+
+    ``out`` may replace an existing mask-Fisher file only with ``overwrite``; any other existing file, or a path
+    inside the model's folder, is refused before any work. Runs under any ``accelerate launch`` configuration; only
+    the main process writes the file.
+    """
+    _check_out(out, resolve_model_dir(str(model)), overwrite=overwrite, full=False)
+    run = prepare_calibration(model, data, settings, accelerator)
+    try:
+        head, ffn, count = compute_mask_fisher(
+            run.model,
+            run.loader,
+            estimator=run.settings.estimator,
+            accelerator=run.accelerator,
+            seed=run.settings.seed,
+            progress=progress,
+            mixed_precision=run.settings.mixed_precision,
+            micro_batch_size=run.settings.micro_batch_size,
+        )
+    finally:
+        run.cleanup()
+    fisher = MaskFisher(
+        head=head,
+        ffn=ffn,
+        shape=NodeShape.from_config(run.model.config),
+        fingerprint=model_fingerprint(run.model_dir),
+        samples=count,
+        estimator=run.settings.estimator.value,
+        loss=run.task.loss.value,
+        model=str(model),
+        data=run.description,
+        dtype=str(run.model.dtype).removeprefix("torch."),
+    )
+    if run.accelerator.is_main_process:
+        save_mask_fisher(fisher, out)
+    run.accelerator.wait_for_everyone()
+    return fisher
+
+
+def calibrate_full(
+    model: Union[str, os.PathLike],
+    data: str,
+    out: Union[str, os.PathLike],
+    settings: SettingsLike = None,
+    *,
+    overwrite: bool = False,
+    accelerator=None,
+    progress: bool = True,
+):
+    """Measure the full diagonal Fisher of every parameter and write it as a sharded folder ``out``.
+
+    Returns ``(fisher dict, samples)``. The settings' ``chunk_size`` examples' gradients are held at once. The same
+    output rules as :func:`calibrate` apply, for a folder.
+    """
+    _check_out(out, resolve_model_dir(str(model)), overwrite=overwrite, full=True)
+    # Eager attention is plain matmuls that vmap batches; SDPA has no batching rule on CPU and would be looped.
+    run = prepare_calibration(model, data, settings, accelerator, attn_implementation="eager")
+    try:
+        fisher, count = compute_full_fisher(
+            run.model,
+            run.loader,
+            estimator=run.settings.estimator,
+            accelerator=run.accelerator,
+            chunk_size=run.settings.chunk_size,
+            seed=run.settings.seed,
+            progress=progress,
+            mixed_precision=run.settings.mixed_precision,
+        )
+    finally:
+        run.cleanup()
+    metadata = {
+        "model_type": run.model.config.model_type,
+        "fingerprint": model_fingerprint(run.model_dir),
+        "model": str(model),
+        "samples": str(count),
+        "estimator": run.settings.estimator.value,
+        "loss": run.task.loss.value,
+        "dtype": str(run.model.dtype).removeprefix("torch."),
+        "data": json.dumps(run.description, sort_keys=True),
+    }
+    if run.accelerator.is_main_process:
+        save_full_fisher(fisher, run.model_dir, out, metadata)
+    run.accelerator.wait_for_everyone()
+    return fisher, count

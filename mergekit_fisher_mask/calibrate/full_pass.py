@@ -1,0 +1,156 @@
+"""The full pass: diagonal Fisher of every parameter (Matena & Raffel 2021), the baseline mask Fisher is compared with.
+
+Per-example gradients come from ``torch.func``: ``vmap(grad(loss))`` over a chunk of examples, so a chunk costs
+one vectorised backward instead of a Python loop over examples. Only running sums of squares are kept; peak
+memory is about the model plus ``chunk_size`` per-example gradients (``chunk_size x`` parameter bytes).
+
+transformers turns a 2D attention mask into 4D with code that vmap cannot trace, so each example gets a
+hand-built additive 4D mask (padding, plus causality for decoders).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+from ..errors import FisherMaskError
+from ..settings import Estimator, MixedPrecision
+from ..tasks import Task, task_of
+from .engine import check_estimator, run_pass
+from .losses import Batch, LabelSampler, lm_target_weights, model_inputs, per_example_losses
+
+
+def _additive_mask(attention_mask: torch.Tensor, causal: bool, dtype: torch.dtype) -> torch.Tensor:
+    """(T,) 0/1 padding mask -> (1, 1, T, T) additive mask that vmap can trace."""
+    length = attention_mask.shape[0]
+    keep = attention_mask.bool()[None, :].expand(length, length)  # (T_q, T_k)
+    if causal:
+        keep = keep & torch.ones(length, length, dtype=torch.bool, device=keep.device).tril()
+    # Rows of padded queries may be fully masked; give them their own key so softmax stays finite.
+    keep = keep | torch.eye(length, dtype=torch.bool, device=keep.device)
+    return torch.zeros(length, length, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)[
+        None, None
+    ]
+
+
+def _example_loss(model, task: Task, params, buffers, input_ids, attention_mask, weights, label) -> torch.Tensor:
+    """Loss of one example (vmapped): mean next-token CE for LMs, CE/MSE for classifiers."""
+    mask = _additive_mask(attention_mask, causal=task == Task.CAUSAL_LM, dtype=torch.float32)
+    inputs = {"input_ids": input_ids[None], "attention_mask": mask}
+    logits = functional_call(model, (params, buffers), (), inputs).logits.float()
+    if task == Task.CAUSAL_LM:
+        token_loss = F.cross_entropy(logits[0, :-1], label[1:], reduction="none")  # (T-1,)
+        return (token_loss * weights).sum()
+    if task == Task.REGRESSION:
+        return (logits[0, 0] - label.float()) ** 2
+    return F.cross_entropy(logits, label[None])  # logits (1, C)
+
+
+class _FullStep:
+    """One batch of the full pass: chunks of per-example gradients, squared into per-parameter sums."""
+
+    def __init__(self, model, task: Task, estimator: Estimator, chunk_size: int, seed: int):
+        self.model, self.task, self.estimator, self.chunk_size = model, task, estimator, chunk_size
+        self.sampler = LabelSampler(seed)
+        self.params = {name: p.detach() for name, p in model.named_parameters()}
+        self.buffers = dict(model.named_buffers())
+        self.sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in self.params.items()}
+
+        def loss(params, input_ids, attention_mask, weights, label):
+            return _example_loss(model, task, params, self.buffers, input_ids, attention_mask, weights, label)
+
+        self.per_example_grad = vmap(grad(loss), in_dims=(None, 0, 0, 0, 0))
+
+    def __call__(self, batch: Batch) -> None:
+        if self.estimator == Estimator.BATCH:
+            self._add_batch_square(batch)
+            return
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        weights = self._weights(batch)
+        if self.estimator == Estimator.EXPECTED:
+            with torch.no_grad():
+                probs = torch.softmax(self.model(**model_inputs(batch)).logits.float(), dim=-1)  # (B, C)
+            for label in range(probs.shape[-1]):
+                targets = torch.full((ids.shape[0],), label, dtype=torch.long, device=ids.device)
+                self._add_squares(ids, mask, weights, targets, probs[:, label])
+            return
+        self._add_squares(ids, mask, weights, self._labels(batch), None)
+
+    def _weights(self, batch: Batch) -> torch.Tensor:
+        """Per-token target weights (B, T-1) for LMs; a placeholder (B,) for classifiers."""
+        if self.task == Task.CAUSAL_LM:
+            return lm_target_weights(batch)
+        return torch.zeros(batch["input_ids"].shape[0], device=batch["input_ids"].device)
+
+    def _labels(self, batch: Batch) -> torch.Tensor:
+        """Per-example targets: data labels / next tokens, or draws from the model for the sampled estimator."""
+        if self.estimator != Estimator.SAMPLED:
+            return batch["input_ids"] if self.task == Task.CAUSAL_LM else batch["labels"]
+        with torch.no_grad():
+            draws = self.sampler(self.model(**model_inputs(batch)).logits)
+        if self.task != Task.CAUSAL_LM:
+            return draws
+        # Position t predicts token t+1: shift the draws right so that label[t+1] is what position t produced.
+        return torch.cat([batch["input_ids"][:, :1], draws[:, :-1]], dim=1)
+
+    def _add_squares(self, ids, mask, weights, labels, scale) -> None:
+        for start in range(0, ids.shape[0], self.chunk_size):
+            part = slice(start, start + self.chunk_size)
+            grads = self.per_example_grad(self.params, ids[part], mask[part], weights[part], labels[part])
+            for name, g in grads.items():  # g: (C, *shape)
+                squares = g.float() ** 2
+                if scale is not None:
+                    squares = squares * scale[part].view(-1, *([1] * (g.ndim - 1)))
+                self.sums[name] += squares.sum(dim=0)
+            del grads
+
+    def _add_batch_square(self, batch: Batch) -> None:
+        """The authors' variant: square the gradient of the batch's mean loss (one ordinary backward pass)."""
+        losses = per_example_losses(self.model, batch, self.task)
+        names = list(self.params)
+        parameters = dict(self.model.named_parameters())
+        for name, g in zip(names, torch.autograd.grad(losses.mean(), [parameters[n] for n in names])):
+            self.sums[name] += g.float() ** 2
+
+
+def compute_full_fisher(
+    model,
+    dataloader,
+    *,
+    estimator=Estimator.EMPIRICAL,
+    accelerator=None,
+    chunk_size: int = 8,
+    seed: int = 0,
+    progress: bool = True,
+    mixed_precision=MixedPrecision.NO,
+) -> Tuple[Dict[str, torch.Tensor], int]:
+    """Return ({parameter name: Fisher as float32 CPU tensors}, N); same estimators as the mask pass."""
+    estimator = Estimator(estimator)
+    if chunk_size < 1:
+        raise FisherMaskError(f"chunk_size must be positive, got {chunk_size}.")
+    if getattr(model, "hf_device_map", None) and len(set(model.hf_device_map.values())) > 1:
+        raise FisherMaskError(
+            "The full Fisher needs the whole model on one device (per-example gradients of every parameter); this "
+            "model is spread by a device map. Calibrate the mask Fisher with --device-map, or drop --device-map."
+        )
+    task = task_of(model.config)
+    check_estimator(estimator, task)
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    step = _FullStep(model, task, estimator, chunk_size, seed)
+    sums, count = run_pass(
+        model,
+        dataloader,
+        step,
+        lambda: {name: value.cpu() for name, value in step.sums.items()},
+        estimator=estimator,
+        accelerator=accelerator,
+        device=device,
+        description="Full Fisher",
+        progress=progress,
+        mixed_precision=mixed_precision,
+        trainable=estimator == Estimator.BATCH,  # vmap's grad() differentiates the detached copies instead
+    )
+    return {name: value.float() for name, value in sums.items()}, count

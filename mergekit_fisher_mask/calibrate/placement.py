@@ -1,0 +1,182 @@
+"""Where the model runs: load dtype, accelerate's big-model dispatch (device maps, CPU and disk offload), each
+data-parallel process's share of the GPUs, activation checkpointing, and the memory a micro-batch may use.
+
+Placement never changes the result beyond float round-off: masks are created on each layer's execution device,
+and offloaded layers run under non-reentrant activation checkpointing, so their weights are loaded for the forward
+pass and again for the recomputation in backward rather than held for the whole pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Union
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from ..architectures import NodeShape
+from ..checkpoints import check_weights
+from ..errors import ModelLoadError, SettingsError
+from ..outputs import check_no_overlap
+from ..settings import CalibrationSettings
+from ..tasks import task_of
+
+LOG = logging.getLogger(__name__)
+
+CPU_ACTIVATION_BUDGET = 1 << 30  # bytes of saved activations per backward pass on a CPU
+GPU_FREE_FRACTION = 0.6  # of the memory free on a GPU after loading, the share activations may take
+_OFFLOADED = ("cpu", "disk")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a loaded model runs, as far as calibration needs to know."""
+
+    input_device: torch.device  # where batches go
+    device_map: Optional[Dict[str, Union[int, str]]] = None  # transformers' hf_device_map, if dispatched
+    execution_devices: tuple = ()
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, default: Optional[torch.device] = None) -> "Placement":
+        """Read a model's placement: accelerate's dispatch if it was device-mapped, else its parameters' device."""
+        device_map = getattr(model, "hf_device_map", None)
+        if not device_map or len(device_map) == 1 and not any(hasattr(m, "_hf_hook") for m in model.modules()):
+            return cls(default or next(model.parameters()).device)
+        hooked = [m for m in model.modules() if getattr(m, "_hf_hook", None) is not None]
+        devices = tuple(sorted({execution_device(m) for m in hooked}, key=str))
+        return cls(execution_device(model.get_input_embeddings()), dict(device_map), devices)
+
+    @property
+    def checkpointing(self) -> bool:
+        """Offloaded layers, or a model spread over several devices, run under activation checkpointing."""
+        if not self.device_map:
+            return False
+        places = {str(place) for place in self.device_map.values()}
+        offloaded = "disk" in places or ("cpu" in places and self.input_device.type != "cpu")
+        return offloaded or len(places - {"cpu", "disk"}) > 1
+
+    def activation_budget(self) -> int:
+        """Bytes of saved activations one micro-batch may hold: a share of the memory really free on the tightest
+        execution GPU, or a fixed budget on a CPU."""
+        gpus = [d for d in self.execution_devices or (self.input_device,) if d.type == "cuda"]
+        if not gpus:
+            return CPU_ACTIVATION_BUDGET
+        return int(GPU_FREE_FRACTION * min(torch.cuda.mem_get_info(d)[0] for d in gpus))
+
+
+def execution_device(module: torch.nn.Module) -> torch.device:
+    """The device a (possibly dispatched) module computes on: its accelerate hook's, else its parameters'."""
+    hook = getattr(module, "_hf_hook", None)
+    for candidate in [hook] + list(getattr(hook, "hooks", [])):
+        device = getattr(candidate, "execution_device", None)
+        if device is not None:
+            return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+    parameter = next(module.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _process_max_memory(settings: CalibrationSettings, accelerator) -> Optional[Dict[Union[int, str], Union[int, str]]]:
+    """``max_memory`` for this process: with several processes on a node, each gets an even share of the GPUs."""
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes if accelerator else 1))
+    user = dict(settings.max_memory or {})
+    gpus = torch.cuda.device_count()
+    if local_processes <= 1 or gpus == 0:
+        return user or None
+    per_process = gpus // local_processes
+    if per_process == 0:
+        raise SettingsError(
+            f"{local_processes} processes share {gpus} GPU(s); with --device-map each process needs at least one. "
+            "Launch at most one process per GPU."
+        )
+    rank = accelerator.local_process_index
+    mine = range(rank * per_process, (rank + 1) * per_process)
+    memory: Dict[Union[int, str], Union[int, str]] = {
+        gpu: user.get(gpu, int(0.9 * torch.cuda.mem_get_info(gpu)[0])) for gpu in mine
+    }
+    memory.update({key: value for key, value in user.items() if not isinstance(key, int)})
+    return memory
+
+
+def load_model(model_dir: Path, config, settings: CalibrationSettings, accelerator, *, attn_implementation=None):
+    """Load ``model_dir`` with the head its config names, in the settings' dtype and placement.
+
+    Returns ``(model, offload_dir)``: ``offload_dir`` is this run's own folder inside ``--offload-folder`` (None
+    without one), for the caller to remove when the pass is done.
+    """
+    import transformers
+
+    task = task_of(config, where=str(model_dir))
+    NodeShape.from_config(config, where=str(model_dir))  # unsupported architectures fail before loading weights
+    check_weights(model_dir)
+    on_gpu = accelerator.device.type != "cpu"
+    dtype = settings.dtype.resolve(config, on_gpu=on_gpu)
+    kwargs = {"dtype": getattr(torch, dtype)}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    offload_dir = None
+    if settings.device_map:
+        kwargs["device_map"] = settings.device_map_value()
+        kwargs["max_memory"] = _process_max_memory(settings, accelerator)
+        if settings.offload_folder:
+            check_no_overlap(settings.offload_folder, {"the model folder": model_dir}, option="offload folder")
+            os.makedirs(settings.offload_folder, exist_ok=True)
+            # Our own folder inside the user's, one per process: removed after the pass, the user's left alone.
+            offload_dir = Path(tempfile.mkdtemp(prefix="mergekit-fisher-offload-", dir=settings.offload_folder))
+            kwargs["offload_folder"] = str(offload_dir)
+    auto = getattr(transformers, task.auto_class)
+    try:
+        model = auto.from_pretrained(model_dir, **kwargs)
+    except (OSError, ValueError, RuntimeError) as error:
+        if offload_dir is not None:
+            shutil.rmtree(offload_dir, ignore_errors=True)
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        hint = " Pass --offload-folder DIR for weights that do not fit in memory." if "offload" in first else ""
+        raise ModelLoadError(f"{model_dir}: cannot load the model ({first}).{hint}") from error
+    if not settings.device_map:
+        model.to(accelerator.device)
+    else:
+        LOG.info("Device map: %s", _summary(model.hf_device_map))
+    return model, offload_dir
+
+
+def _summary(device_map: Dict[str, Union[int, str]]) -> str:
+    counts: Dict[str, int] = {}
+    for place in device_map.values():
+        counts[str(place)] = counts.get(str(place), 0) + 1
+    return ", ".join(f"{count} module group(s) on {place}" for place, count in sorted(counts.items()))
+
+
+@contextlib.contextmanager
+def checkpointed(layers: List[torch.nn.Module], enabled: bool = True) -> Iterator[None]:
+    """Run each layer under non-reentrant activation checkpointing; the layers are restored on exit.
+
+    transformers' own ``gradient_checkpointing_enable`` acts only in training mode, and calibration runs in eval
+    mode (no dropout), so the layers' ``forward`` is wrapped here instead. Hooks inside a layer (the mask hooks,
+    accelerate's weight loading) run again in the recomputation.
+    """
+    if not enabled:
+        yield
+        return
+    originals = []
+    try:
+        for layer in layers:
+            forward = layer.forward
+            originals.append((layer, "forward" in vars(layer), forward))
+
+            def wrapped(*args, _forward=forward, **kwargs):
+                return checkpoint(_forward, *args, use_reentrant=False, **kwargs)
+
+            layer.forward = wrapped
+        yield
+    finally:
+        for layer, own, forward in originals:
+            if own:
+                layer.forward = forward  # an instance attribute (e.g. accelerate's hook wrapper) goes back
+            else:
+                del layer.forward

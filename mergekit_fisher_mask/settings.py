@@ -1,0 +1,266 @@
+"""Calibration settings: one pydantic model validates every field once.
+
+The ``calibrate`` command's options (:func:`calibration_options`) and a recipe's ``calibration:`` block are both
+generated from :class:`CalibrationSettings`, so each default and each rule is written here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import json
+import os
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union, get_args, get_origin
+
+import click
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator, model_validator
+from typing_extensions import Annotated
+
+from .errors import SettingsError
+
+
+class Estimator(str, enum.Enum):
+    """How the Fisher is estimated (``F`` is averaged over the N calibration examples unless noted)."""
+
+    EMPIRICAL = "empirical"  # (1/N) sum_n (dL_n/dm)^2 with the data's labels, exact per example
+    EXPECTED = "expected"  # (1/N) sum_n sum_y p(y|x_n) (d log p(y|x_n)/dm)^2; classifiers only
+    SAMPLED = "sampled"  # as empirical, with labels drawn from the model's own predictive distribution
+    BATCH = "batch"  # sum_b (d mean_{n in b} L_n / dm)^2: the authors' per-batch variant, about 1/B^2 of the rest
+
+    @property
+    def uses_labels(self) -> bool:
+        return self in (Estimator.EMPIRICAL, Estimator.BATCH)
+
+
+class MixedPrecision(str, enum.Enum):
+    NO = "no"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+class LoadDtype(str, enum.Enum):
+    """The dtype the model's weights are loaded in; Fisher sums are float32/float64 whatever this is."""
+
+    AUTO = "auto"  # the checkpoint's own dtype on a GPU, float32 on a CPU
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+    def resolve(self, config, *, on_gpu: bool) -> str:
+        """The concrete dtype name for a model with HF ``config``, loaded on a GPU or not."""
+        if self != LoadDtype.AUTO:
+            return self.value
+        if not on_gpu:
+            return "float32"
+        stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        name = str(stored).removeprefix("torch.") if stored is not None else "float32"
+        return name if name in {d.value for d in LoadDtype} else "float32"
+
+
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+Positive = Annotated[StrictInt, Field(gt=0)]
+# Fields marked like this only decide where and in what pieces the work runs; the result does not depend on them
+# beyond float round-off, so they are left out of the calibration cache key.
+_PLACEMENT = {"placement": True}
+
+
+class CalibrationSettings(BaseModel):
+    """Everything that determines a calibration besides the model and the data source."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    samples: Positive = Field(256, description="Number of calibration examples.")
+    batch_size: Positive = Field(16, description="Examples per forward/backward pass (per process).")
+    max_length: Positive = Field(
+        256, description="Truncate examples to this many tokens (capped at the model's position limit)."
+    )
+    estimator: Estimator = Field(Estimator.EMPIRICAL, description="How the Fisher is estimated.")
+    seed: Annotated[StrictInt, Field(ge=0)] = Field(0, description="Seed for shuffling the data and for sampled labels.")
+    text_columns: Optional[Tuple[str, ...]] = Field(
+        None,
+        validation_alias=AliasChoices("text_columns", "text_column"),
+        description="Text column; give twice for sentence pairs [default: guessed].",
+        json_schema_extra={"cli": "--text-column"},
+    )
+    label_column: Optional[str] = Field(None, description="Label column for classifiers [default: label].")
+    mixed_precision: MixedPrecision = Field(MixedPrecision.NO, description="Autocast the forward pass.")
+    dtype: LoadDtype = Field(
+        LoadDtype.AUTO, description="Load the weights in this dtype (auto: the checkpoint's on a GPU, float32 on a CPU)."
+    )
+    micro_batch_size: Optional[Positive] = Field(
+        None,
+        description="Examples per backward pass [default: automatic, from the memory that is free]; same result.",
+        json_schema_extra=_PLACEMENT,
+    )
+    chunk_size: Positive = Field(
+        8,
+        description="Full Fisher only: examples whose per-example gradients are held at once (memory ~ chunk x model).",
+        json_schema_extra=_PLACEMENT,
+    )
+    device_map: Optional[str] = Field(
+        None,
+        description="Spread the model over devices: auto, balanced, balanced_low_0, sequential, or a JSON file "
+        "mapping module names to devices (as transformers' from_pretrained).",
+        json_schema_extra=_PLACEMENT,
+    )
+    max_memory: Optional[Dict[Union[int, str], str]] = Field(
+        None,
+        description="With --device-map: memory per device, comma-separated device=size, e.g. 0=70GiB,cpu=100GiB.",
+        json_schema_extra=_PLACEMENT,
+    )
+    offload_folder: Optional[str] = Field(
+        None, description="With --device-map: folder for weights offloaded to disk.", json_schema_extra=_PLACEMENT
+    )
+
+    @field_validator("text_columns", mode="before")
+    @classmethod
+    def _one_or_two_columns(cls, value):
+        if isinstance(value, str):
+            value = (value,)
+        if value is not None and not 1 <= len(value) <= 2:
+            raise ValueError("give one text column, or two for sentence pairs")
+        return value
+
+    @field_validator("max_memory", mode="before")
+    @classmethod
+    def _parse_max_memory(cls, value):
+        return None if value is None else parse_max_memory(value)
+
+    @field_validator("device_map")
+    @classmethod
+    def _known_device_map(cls, value):
+        if value is None or value in DEVICE_MAP_STRATEGIES:
+            return value
+        if not value.endswith(".json"):
+            raise ValueError(f"expected one of {', '.join(DEVICE_MAP_STRATEGIES)} or a .json file")
+        if not os.path.isfile(value):
+            raise ValueError(f"device-map file {value} does not exist")
+        return value
+
+    @model_validator(mode="after")
+    def _placement_needs_device_map(self):
+        if (self.max_memory or self.offload_folder) and not self.device_map:
+            raise ValueError("max_memory and offload_folder place a device-mapped model; set device_map too (e.g. auto)")
+        return self
+
+    def device_map_value(self) -> Union[None, str, Dict[str, Any]]:
+        """``device_map`` as transformers takes it: a strategy name, or the mapping read from the JSON file."""
+        if self.device_map is None or self.device_map in DEVICE_MAP_STRATEGIES:
+            return self.device_map
+        try:
+            with open(self.device_map, encoding="utf-8") as handle:
+                mapping = json.load(handle)
+        except (OSError, ValueError) as error:
+            raise SettingsError(f"device_map file {self.device_map} cannot be read as JSON ({error}).") from error
+        if not isinstance(mapping, dict):
+            raise SettingsError(f"device_map file {self.device_map} must hold a mapping of module names to devices.")
+        return mapping
+
+    def result_fields(self) -> Dict[str, Any]:
+        """The settings a calibration's result depends on (placement left out; batch size only for ``batch``)."""
+        values = self.model_dump(mode="json")
+        for name, field in type(self).model_fields.items():
+            if (field.json_schema_extra or {}).get("placement"):
+                values.pop(name)
+        if self.estimator != Estimator.BATCH:
+            values.pop("batch_size")
+        return values
+
+
+def parse_max_memory(value: Union[str, Mapping]) -> Dict[Union[int, str], str]:
+    """``"0=70GiB,cpu=100GiB"`` or a mapping -> ``{0: "70GiB", "cpu": "100GiB"}`` (accelerate's format)."""
+    from accelerate.utils import convert_file_size_to_int
+
+    if isinstance(value, str):
+        pairs = []
+        for item in filter(None, (part.strip() for part in value.split(","))):
+            device, sep, size = item.partition("=")
+            if not sep:
+                raise ValueError(f"{item!r} is not device=size (e.g. 0=70GiB or cpu=100GiB)")
+            pairs.append((device.strip(), size.strip()))
+    elif isinstance(value, Mapping):
+        pairs = [(str(device), str(size)) for device, size in value.items()]
+    else:
+        raise ValueError("expected device=size pairs, e.g. 0=70GiB,cpu=100GiB")
+    parsed: Dict[Union[int, str], str] = {}
+    for device, size in pairs:
+        key: Union[int, str] = int(device) if device.isdigit() else device
+        if isinstance(key, str) and key not in ("cpu", "disk", "mps") and not key.startswith(("cuda:", "xpu:", "npu:")):
+            raise ValueError(f"unknown device {device!r}: use a GPU index (0, 1, ...), cpu or disk")
+        try:
+            convert_file_size_to_int(size)
+        except ValueError:
+            raise ValueError(f"size {size!r} for device {device!r} is not a size like 70GiB or 500MB") from None
+        parsed[key] = size
+    if not parsed:
+        raise ValueError("no device=size pair given")
+    return parsed
+
+
+def explain(error: ValidationError, where: str) -> str:
+    """One readable sentence per problem of a pydantic error, naming the key and the value given."""
+    fields = CalibrationSettings.model_fields
+    unknown = [str(e["loc"][-1]) for e in error.errors() if e["type"] == "extra_forbidden"]
+    problems = []
+    if unknown:
+        allowed = sorted(fields) + ["text_column"]
+        problems.append(f"unknown key(s) {', '.join(map(repr, unknown))}. Allowed: {', '.join(allowed)}")
+    for item in error.errors():
+        if item["type"] == "extra_forbidden":
+            continue
+        message = item["msg"].removeprefix("Value error, ")
+        if not item["loc"]:  # a rule about several fields
+            problems.append(message)
+            continue
+        key = ".".join(str(part) for part in item["loc"] if not isinstance(part, int))
+        problems.append(f"{key}: {message}, got {item['input']!r}")
+    return f"{where}: " + "; ".join(problems) + "."
+
+
+def make_settings(values: Mapping[str, Any], where: str = "calibration settings") -> CalibrationSettings:
+    """Validate ``values`` (a recipe block, CLI options, keyword arguments) into settings, or raise SettingsError."""
+    try:
+        return CalibrationSettings.model_validate(dict(values))
+    except ValidationError as error:
+        raise SettingsError(explain(error, where)) from None
+
+
+def _click_type(annotation) -> Any:
+    """The click parameter type for a settings field's annotation (Optional and Annotated unwrapped)."""
+    while get_origin(annotation) in (Annotated, Union):
+        annotation = next(arg for arg in get_args(annotation) if arg is not type(None))
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return click.Choice([member.value for member in annotation])
+    return int if annotation is int else str  # mappings and column tuples arrive as text
+
+
+def calibration_options(function: Callable) -> Callable:
+    """Add one ``--option`` per :class:`CalibrationSettings` field to a click command, with its default and help.
+
+    The command receives the values as a ``settings`` keyword argument, validated into a CalibrationSettings.
+    """
+    names = list(CalibrationSettings.model_fields)
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        given = {name: kwargs.pop(name) for name in names}
+        given = {name: value for name, value in given.items() if value not in (None, ())}
+        return function(*args, settings=make_settings(given, "options"), **kwargs)
+
+    for name in reversed(names):
+        field = CalibrationSettings.model_fields[name]
+        extra = field.json_schema_extra or {}
+        flag = extra.get("cli", "--" + name.replace("_", "-"))
+        default = field.default.value if isinstance(field.default, enum.Enum) else field.default
+        multiple = name == "text_columns"
+        wrapper = click.option(
+            flag,
+            name,
+            type=_click_type(field.annotation),
+            default=None if multiple else default,
+            multiple=multiple,
+            show_default=default is not None and not multiple,
+            help=field.description,
+        )(wrapper)
+    return wrapper
