@@ -60,6 +60,17 @@ def load_config(model_dir: Path):
         raise ModelLoadError(f"{path} cannot be read as a transformers config ({first}).") from error
 
 
+_TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def has_tokenizer(model_dir: Path) -> bool:
+    """Whether the folder holds tokenizer files (transformers would otherwise build an empty tokenizer)."""
+    return any((Path(model_dir) / name).is_file() for name in _TOKENIZER_FILES)
+
+
 def weight_files(model_dir: Path) -> List[Path]:
     """The weight files of a model folder: safetensors shards (preferred, as transformers does) or pickle .bin."""
     model_dir = Path(model_dir)

@@ -25,7 +25,7 @@ import torch
 from .architectures import ARCHITECTURES, ArchitectureSpec, NodeShape, get_architecture
 from .calibrate.api import calibrate as calibrate_mask
 from .calibrate.api import calibrate_full
-from .checkpoints import check_weights, load_config, model_fingerprint, resolve_model_dir
+from .checkpoints import check_weights, has_tokenizer, load_config, model_fingerprint, resolve_model_dir
 from .errors import FisherFileError, FisherMaskError, RecipeError
 from .files import FullFisherReader, check_matches_model, is_full_fisher_dir, is_mask_fisher_file, load_mask_fisher
 from .inspection import summarize_mask
@@ -270,7 +270,8 @@ def run_fisher_merge(
     options = merge_options.model_copy(
         update={
             "write_model_card": False,  # ours is written below; mergekit's calls the Hub for local paths
-            "copy_tokenizer": merge_options.copy_tokenizer and _has_tokenizer(base.directory),
+            # mergekit "reserializes" a tokenizer from a folder without one, producing a bogus tokenizer.
+            "copy_tokenizer": merge_options.copy_tokenizer and has_tokenizer(base.directory),
         }
     )
     with staged_folder(out_path) as staging:
@@ -305,8 +306,3 @@ def _heads_from_base(
         )
     LOG.info("Taking the task head (%s) and config from base model %s.", ", ".join(names), base.reference)
     return names
-
-
-def _has_tokenizer(directory: Path) -> bool:
-    # mergekit "reserializes" a tokenizer from a folder without one, producing a bogus tokenizer.
-    return (directory / "tokenizer_config.json").is_file()

@@ -9,8 +9,8 @@ from conftest import build_model
 
 from mergekit_fisher_mask import MaskFisher, NodeShape, save_mask_fisher
 from mergekit_fisher_mask.cli import main
-from mergekit_fisher_mask.merge.expand import Normalize
 from mergekit_fisher_mask.inspection import merge_shares, neuron_quantiles, summarize_mask, top_share
+from mergekit_fisher_mask.merge.expand import Normalize
 
 
 def fisher_file(path, seed, scale=1.0):

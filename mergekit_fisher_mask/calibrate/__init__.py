@@ -7,7 +7,14 @@ hooks), :mod:`.placement` (dtype, device maps, offload, checkpointing), :mod:`.e
 This package depends on the shared modules of ``mergekit_fisher_mask`` only; merging never imports it.
 """
 
-from .api import PreparedCalibration, calibrate, calibrate_full, effective_max_length, make_accelerator, prepare_calibration
+from .api import (
+    PreparedCalibration,
+    calibrate,
+    calibrate_full,
+    effective_max_length,
+    make_accelerator,
+    prepare_calibration,
+)
 from .engine import autocast_context, check_estimator, frozen
 from .full_pass import compute_full_fisher
 from .losses import model_inputs

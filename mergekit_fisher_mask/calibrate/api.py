@@ -13,7 +13,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 import torch
 
 from ..architectures import ArchitectureSpec, NodeShape, get_architecture
-from ..checkpoints import load_config, model_fingerprint, resolve_model_dir
+from ..checkpoints import has_tokenizer, load_config, model_fingerprint, resolve_model_dir
 from ..errors import ModelLoadError
 from ..files import MaskFisher, is_full_fisher_dir, is_mask_fisher_file, save_full_fisher, save_mask_fisher
 from ..outputs import check_no_overlap, check_replaceable
@@ -115,6 +115,11 @@ def prepare_calibration(
     )
     labels = encode_labels(examples, config, source=data) if examples.labels is not None else None
     max_length = effective_max_length(settings.max_length, spec, config, str(model_dir))
+    if not has_tokenizer(model_dir):
+        raise ModelLoadError(
+            f"{model_dir}: no tokenizer files (tokenizer.json, tokenizer_config.json, vocab files). Save the "
+            "tokenizer next to the model with tokenizer.save_pretrained."
+        )
     try:
         tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(model_dir))
     except (OSError, ValueError) as error:
@@ -161,6 +166,7 @@ def calibrate(
     inside the model's folder, is refused before any work. Runs under any ``accelerate launch`` configuration; only
     the main process writes the file.
     """
+    settings = _settings(settings)
     _check_out(out, resolve_model_dir(str(model)), overwrite=overwrite, full=False)
     run = prepare_calibration(model, data, settings, accelerator)
     try:
@@ -209,6 +215,7 @@ def calibrate_full(
     Returns ``(fisher dict, samples)``. The settings' ``chunk_size`` examples' gradients are held at once. The same
     output rules as :func:`calibrate` apply, for a folder.
     """
+    settings = _settings(settings)
     _check_out(out, resolve_model_dir(str(model)), overwrite=overwrite, full=True)
     # Eager attention is plain matmuls that vmap batches; SDPA has no batching rule on CPU and would be looped.
     run = prepare_calibration(model, data, settings, accelerator, attn_implementation="eager")

@@ -65,10 +65,10 @@ def _quiet_datasets():
         datasets.logging.set_verbosity(level)
 
 
-def _check_utf8(path: str) -> None:
-    """Refuse a text file that is not UTF-8, naming the line and the byte."""
+def _check_text(path: str) -> None:
+    """Refuse a text file that is not UTF-8 (naming the line and the byte) or holds only whitespace."""
     decoder = codecs.getincrementaldecoder("utf-8")()
-    line = 1
+    line, blank = 1, True
     with open(path, "rb") as handle:
         while True:
             chunk = handle.read(1 << 20)
@@ -83,8 +83,11 @@ def _check_utf8(path: str) -> None:
                     "Convert it to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
                 ) from None
             if not chunk:
-                return
+                break
             line += chunk.count(b"\n")
+            blank = blank and not chunk.strip()
+    if blank:
+        raise CalibrationDataError(f"Calibration data {path} holds no rows (only whitespace).")
 
 
 def _first_bad_json_line(path: str) -> Optional[str]:
@@ -118,7 +121,7 @@ def _load_file(source: str):
                     "extension?"
                 )
     else:
-        _check_utf8(source)
+        _check_text(source)
     # A .txt file yields one example per paragraph (blank-line separated), not per line.
     extra = {"sample_by": "paragraph"} if suffix == ".txt" else {}
     try:

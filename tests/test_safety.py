@@ -1,0 +1,217 @@
+"""Never destroy what the user owns: each case is refused before any work, and the victim is byte-identical after."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict
+
+import pytest
+import yaml
+from conftest import write_jsonl
+from mergekit.options import MergeOptions
+
+from mergekit_fisher_mask import CalibrationSettings, calibrate, calibrate_full
+from mergekit_fisher_mask.errors import OutputPathError
+from mergekit_fisher_mask.outputs import _HOST, remove_stale_staging, staged_folder
+from mergekit_fisher_mask.pipeline import MARKER, run_fisher_merge
+
+OPTIONS = MergeOptions(quiet=True)
+SETTINGS = CalibrationSettings(samples=8, batch_size=4)
+
+
+def snapshot(path: Path) -> Dict[str, bytes]:
+    """Every file under ``path`` (hidden ones too) with its bytes; a file maps its own name."""
+    path = Path(path)
+    if path.is_file():
+        return {path.name: path.read_bytes()}
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def user_folder(path: Path) -> Path:
+    (path / "sub").mkdir(parents=True)
+    (path / "thesis.txt").write_text("four years of work")
+    (path / "sub" / "data.csv").write_text("a,b\n1,2\n")
+    (path / ".hidden").write_text("secret")
+    return path
+
+
+@pytest.fixture
+def setup(model_zoo, text_data, tmp_path):
+    """Two BERT classifiers (copied, so tests may put things next to them), their Fisher files, and a recipe."""
+    models = []
+    for seed in (1, 2):
+        models.append(tmp_path / "models" / f"m{seed}")
+        shutil.copytree(model_zoo("bert", seed=seed), models[-1])
+    fishers = [tmp_path / f"f{i}.safetensors" for i in range(2)]
+    for model, fisher in zip(models, fishers):
+        calibrate(str(model), str(text_data), fisher, SETTINGS, progress=False)
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(yaml.safe_dump({
+        "merge_method": "fisher_mask",
+        "base_model": str(models[0]),
+        "models": [{"model": str(m), "parameters": {"fisher": str(f)}} for m, f in zip(models, fishers)],
+    }))
+    return models, fishers, recipe
+
+
+def refused(tmp_path, victim: Path, action, match: str) -> None:
+    before = snapshot(victim)
+    with pytest.raises(OutputPathError, match=match):
+        action()
+    assert snapshot(victim) == before, "the victim's files must be byte-identical"
+    assert not [p for p in tmp_path.rglob(".*partial*")], "no staging file or folder may be left behind"
+
+
+def test_overwrite_never_replaces_a_folder_this_tool_did_not_write(setup, tmp_path):
+    _, _, recipe = setup
+    mine = user_folder(tmp_path / "mine")
+    merge = lambda: run_fisher_merge(str(recipe), str(mine), OPTIONS, overwrite=True)  # noqa: E731
+    refused(tmp_path, mine, merge, r"holds files this tool did not write \(\.hidden, sub/, thesis\.txt\)")
+
+
+def test_overwrite_replaces_a_previous_merge(setup, tmp_path):
+    _, _, recipe = setup
+    out = tmp_path / "out"
+    run_fisher_merge(str(recipe), str(out), OPTIONS)
+    with pytest.raises(OutputPathError, match="already holds a previous merge. Pass --overwrite"):
+        run_fisher_merge(str(recipe), str(out), OPTIONS)
+    (out / "stale-00009.safetensors").write_text("left over")
+    run_fisher_merge(str(recipe), str(out), OPTIONS, overwrite=True)
+    assert (out / MARKER).is_file() and not (out / "stale-00009.safetensors").exists()
+
+
+@pytest.mark.parametrize("where", ["model", "parent of model", "inside model", "fisher file", "parent of fisher"])
+def test_output_may_not_touch_an_input(setup, tmp_path, where):
+    models, fishers, recipe = setup
+    out, victim, match = {
+        "model": (models[1], models[1], "is input model"),
+        "parent of model": (models[1].parent, models[1].parent, "contains input model"),
+        "inside model": (models[0] / "merged", models[0], "lies inside input model"),
+        "fisher file": (fishers[0], fishers[0], "is the Fisher file"),
+        "parent of fisher": (tmp_path, fishers[0], "contains"),
+    }[where]
+    refused(tmp_path, victim, lambda: run_fisher_merge(str(recipe), str(out), OPTIONS, overwrite=True), match)
+
+
+def test_output_may_not_contain_the_calibration_data(model_zoo, text_data, tmp_path):
+    data = tmp_path / "data" / "train.jsonl"
+    data.parent.mkdir()
+    shutil.copy(text_data, data)
+    recipe = tmp_path / "recipe.yml"
+    models = [model_zoo("bert", seed=s) for s in (1, 2)]
+    recipe.write_text(yaml.safe_dump({
+        "merge_method": "fisher_mask", "base_model": str(models[0]),
+        "models": [{"model": str(m), "parameters": {"calibration_data": str(data)}} for m in models],
+    }))
+    merge = lambda: run_fisher_merge(str(recipe), str(data.parent), OPTIONS, overwrite=True)  # noqa: E731
+    refused(tmp_path, data.parent, merge, "contains the calibration data")
+
+
+def test_calibrate_out_inside_the_model_folder_is_refused(setup, text_data, tmp_path):
+    models, _, _ = setup
+    weights = models[0] / "model.safetensors"
+    for overwrite in (False, True):
+        action = lambda: calibrate(str(models[0]), str(text_data), weights, SETTINGS, overwrite=overwrite)  # noqa: E731
+        refused(tmp_path, models[0], action, "lies inside the model folder")
+
+
+def test_calibrate_never_replaces_a_file_that_is_not_its_own(setup, text_data, tmp_path):
+    models, fishers, _ = setup
+    notes = tmp_path / "notes.safetensors"
+    notes.write_text("not a Fisher file")
+    action = lambda: calibrate(str(models[0]), str(text_data), notes, SETTINGS, overwrite=True)  # noqa: E731
+    refused(tmp_path, notes, action, "is not a mask-Fisher file")
+    # The data file itself is no exception.
+    data_copy = tmp_path / "train.jsonl"
+    shutil.copy(text_data, data_copy)
+    action = lambda: calibrate(str(models[0]), str(data_copy), data_copy, SETTINGS, overwrite=True)  # noqa: E731
+    refused(tmp_path, data_copy, action, "is not a mask-Fisher file")
+
+
+def test_replacing_a_fisher_file_needs_overwrite(setup, text_data, tmp_path):
+    models, fishers, _ = setup
+    action = lambda: calibrate(str(models[1]), str(text_data), fishers[0], SETTINGS)  # noqa: E731
+    refused(tmp_path, fishers[0], action, "already holds a mask-Fisher file. Pass --overwrite")
+    replaced = calibrate(str(models[1]), str(text_data), fishers[0], SETTINGS, overwrite=True, progress=False)
+    assert replaced.model == str(models[1])
+
+
+def test_calibrate_out_that_is_a_folder(setup, text_data, tmp_path):
+    models, _, _ = setup
+    folder = user_folder(tmp_path / "results")
+    action = lambda: calibrate(str(models[0]), str(text_data), folder, SETTINGS)  # noqa: E731
+    refused(tmp_path, folder, action, "is a folder; give the path of the file to write")
+    # --full writes a folder: a user's folder is refused too, even with --overwrite.
+    action = lambda: calibrate_full(str(models[0]), str(text_data), folder, SETTINGS, overwrite=True)  # noqa: E731
+    refused(tmp_path, folder, action, "holds files this tool did not write")
+
+
+def test_full_fisher_folder_is_replaced_only_with_overwrite(setup, text_data, tmp_path):
+    models, _, _ = setup
+    out = tmp_path / "full"
+    calibrate_full(str(models[0]), str(text_data), out, SETTINGS, progress=False)
+    action = lambda: calibrate_full(str(models[0]), str(text_data), out, SETTINGS)  # noqa: E731
+    refused(tmp_path, out, action, "already holds a full Fisher. Pass --overwrite")
+    calibrate_full(str(models[1]), str(text_data), out, SETTINGS, overwrite=True, progress=False)
+    assert not [p for p in tmp_path.rglob(".*partial*")]
+
+
+def _dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_leftovers_of_a_killed_run_are_removed_by_the_next(setup, tmp_path):
+    _, _, recipe = setup
+    out = tmp_path / "out"
+    dead = tmp_path / f".out.partial-{_HOST}-{_dead_pid()}-0123abcd"
+    alive = tmp_path / f".out.partial-{_HOST}-{os.getpid()}-4567cdef"
+    other_host = tmp_path / f".out.partial-00000000-{_dead_pid()}-89abcdef"
+    for folder in (dead, alive, other_host):
+        folder.mkdir()
+        (folder / "model-00001-of-00002.safetensors").write_bytes(b"\0" * 1000)
+    lookalike = user_folder(tmp_path / ".out.partial-mine")  # not our name pattern: never touched
+    before = snapshot(lookalike)
+    run_fisher_merge(str(recipe), str(out), OPTIONS)
+    assert not dead.exists(), "a dead run's staging folder is removed"
+    assert alive.exists() and other_host.exists(), "a live run's (or another host's) staging is left alone"
+    assert snapshot(lookalike) == before
+
+
+def test_a_killed_merge_leaves_only_what_the_next_run_cleans(setup, tmp_path):
+    """Kill -9 during a merge (simulated by a child process that exits inside the staging block)."""
+    out = tmp_path / "out"
+    code = (
+        "import os, sys\n"
+        "from mergekit_fisher_mask.outputs import staged_folder\n"
+        f"with staged_folder({str(out)!r}) as s:\n"
+        "    (s / 'model-00001.safetensors').write_bytes(b'x' * 100)\n"
+        "    os._exit(9)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 9
+    leftovers = list(tmp_path.glob(".out.partial-*"))
+    assert len(leftovers) == 1 and not out.exists()
+    assert remove_stale_staging(out) == 1 and not list(tmp_path.glob(".out.partial-*"))
+    with staged_folder(out):  # and a new run starts clean
+        pass
+
+
+def test_merge_refuses_before_calibrating(model_zoo, text_data, tmp_path, monkeypatch):
+    """A refused output costs no calibration: the check runs first."""
+    import mergekit_fisher_mask.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "calibrate_mask", lambda *a, **k: pytest.fail("calibrated before refusing"))
+    models = [model_zoo("bert", seed=s) for s in (1, 2)]
+    data = write_jsonl(tmp_path / "d.jsonl", [{"text": "w1 w2", "label": 0}])
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(yaml.safe_dump({
+        "merge_method": "fisher_mask", "base_model": str(models[0]),
+        "models": [{"model": str(m), "parameters": {"calibration_data": str(data)}} for m in models],
+    }))
+    mine = user_folder(tmp_path / "mine")
+    refused(tmp_path, mine, lambda: run_fisher_merge(str(recipe), str(mine), OPTIONS, overwrite=True), "did not write")
