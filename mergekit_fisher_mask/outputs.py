@@ -146,13 +146,18 @@ def _replace(staged: Path, out: Path) -> None:
         os.replace(staged, out)
 
 
-@contextlib.contextmanager
-def staged_folder(out) -> Iterator[Path]:
-    """Yield a hidden sibling folder to write into; on success the caller's :func:`publish` moves it to ``out``."""
+def _new_staging(out) -> Path:
+    """A fresh hidden sibling name for ``out``, after removing dead runs' leftovers."""
     out = _resolved(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out)
-    staging = _staging_name(out, "partial")
+    return _staging_name(out, "partial")
+
+
+@contextlib.contextmanager
+def staged_folder(out) -> Iterator[Path]:
+    """Yield a hidden sibling folder to write into; on success the caller's :func:`publish` moves it to ``out``."""
+    staging = _new_staging(out)
     staging.mkdir()
     try:
         yield staging
@@ -163,13 +168,10 @@ def staged_folder(out) -> Iterator[Path]:
 @contextlib.contextmanager
 def staged_file(out) -> Iterator[Path]:
     """Yield a hidden sibling path to write one file to; it replaces ``out`` when the block ends without error."""
-    out = _resolved(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_staging(out)
-    staging = _staging_name(out, "partial")
+    staging = _new_staging(out)
     try:
         yield staging
-        _replace(staging, out)
+        _replace(staging, _resolved(out))
     finally:
         staging.unlink(missing_ok=True)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -140,14 +141,32 @@ def prepare_calibration(
     return PreparedCalibration(model_dir, net, loader, description, accelerator, settings, task, offload_dir)
 
 
-def _check_out(out, model_dir: Path, *, overwrite: bool, full: bool) -> None:
+@contextlib.contextmanager
+def _checked_run(model, data, out, settings: SettingsLike, accelerator, *, overwrite: bool, full: bool, **options):
+    """Validate the settings and the output path (before any work), prepare the run, and clean up after it."""
+    settings = _settings(settings)
+    model_dir = resolve_model_dir(str(model))
     check_no_overlap(out, {"the model folder": model_dir}, option="--out")
-    if full:
-        check_replaceable(out, overwrite=overwrite, is_ours=is_full_fisher_dir, what="a full Fisher", folder=True,
-                          option="--out")
-    else:
-        check_replaceable(out, overwrite=overwrite, is_ours=is_mask_fisher_file, what="a mask-Fisher file",
-                          folder=False, option="--out")
+    what, is_ours = ("a full Fisher", is_full_fisher_dir) if full else ("a mask-Fisher file", is_mask_fisher_file)
+    check_replaceable(out, overwrite=overwrite, is_ours=is_ours, what=what, folder=full, option="--out")
+    run = prepare_calibration(model, data, settings, accelerator, **options)
+    try:
+        yield run
+    finally:
+        run.cleanup()
+
+
+def _provenance(run: PreparedCalibration, model, count: int) -> Dict[str, Any]:
+    """What both Fisher formats record about where a Fisher came from."""
+    return {
+        "fingerprint": model_fingerprint(run.model_dir),
+        "model": str(model),
+        "samples": count,
+        "estimator": run.settings.estimator.value,
+        "loss": run.task.loss.value,
+        "dtype": str(run.model.dtype).removeprefix("torch."),
+        "data": run.description,
+    }
 
 
 def calibrate(
@@ -166,10 +185,7 @@ def calibrate(
     inside the model's folder, is refused before any work. Runs under any ``accelerate launch`` configuration; only
     the main process writes the file.
     """
-    settings = _settings(settings)
-    _check_out(out, resolve_model_dir(str(model)), overwrite=overwrite, full=False)
-    run = prepare_calibration(model, data, settings, accelerator)
-    try:
+    with _checked_run(model, data, out, settings, accelerator, overwrite=overwrite, full=False) as run:
         head, ffn, count = compute_mask_fisher(
             run.model,
             run.loader,
@@ -180,20 +196,7 @@ def calibrate(
             mixed_precision=run.settings.mixed_precision,
             micro_batch_size=run.settings.micro_batch_size,
         )
-    finally:
-        run.cleanup()
-    fisher = MaskFisher(
-        head=head,
-        ffn=ffn,
-        shape=NodeShape.from_config(run.model.config),
-        fingerprint=model_fingerprint(run.model_dir),
-        samples=count,
-        estimator=run.settings.estimator.value,
-        loss=run.task.loss.value,
-        model=str(model),
-        data=run.description,
-        dtype=str(run.model.dtype).removeprefix("torch."),
-    )
+    fisher = MaskFisher(head=head, ffn=ffn, shape=NodeShape.from_config(run.model.config), **_provenance(run, model, count))
     if run.accelerator.is_main_process:
         save_mask_fisher(fisher, out)
     run.accelerator.wait_for_everyone()
@@ -215,11 +218,9 @@ def calibrate_full(
     Returns ``(fisher dict, samples)``. The settings' ``chunk_size`` examples' gradients are held at once. The same
     output rules as :func:`calibrate` apply, for a folder.
     """
-    settings = _settings(settings)
-    _check_out(out, resolve_model_dir(str(model)), overwrite=overwrite, full=True)
     # Eager attention is plain matmuls that vmap batches; SDPA has no batching rule on CPU and would be looped.
-    run = prepare_calibration(model, data, settings, accelerator, attn_implementation="eager")
-    try:
+    options = {"attn_implementation": "eager"}
+    with _checked_run(model, data, out, settings, accelerator, overwrite=overwrite, full=True, **options) as run:
         fisher, count = compute_full_fisher(
             run.model,
             run.loader,
@@ -230,18 +231,9 @@ def calibrate_full(
             progress=progress,
             mixed_precision=run.settings.mixed_precision,
         )
-    finally:
-        run.cleanup()
-    metadata = {
-        "model_type": run.model.config.model_type,
-        "fingerprint": model_fingerprint(run.model_dir),
-        "model": str(model),
-        "samples": str(count),
-        "estimator": run.settings.estimator.value,
-        "loss": run.task.loss.value,
-        "dtype": str(run.model.dtype).removeprefix("torch."),
-        "data": json.dumps(run.description, sort_keys=True),
-    }
+    provenance = _provenance(run, model, count)
+    metadata = {key: json.dumps(value, sort_keys=True) if key == "data" else str(value) for key, value in provenance.items()}
+    metadata["model_type"] = run.model.config.model_type
     if run.accelerator.is_main_process:
         save_full_fisher(fisher, run.model_dir, out, metadata)
     run.accelerator.wait_for_everyone()
