@@ -101,6 +101,61 @@ def load_reference_model(model_dir) -> torch.nn.Module:
     return auto.from_pretrained(model_dir, dtype=torch.float32).eval()
 
 
+def reference_gradients_of(model_dir, examples):
+    """Per-example mask gradients (N, L, H) and (N, L, D) of ``examples`` = [(inputs, labels)]: batch of one, no
+    padding, masks as explicit tensors, and HF's own loss (mean over the example's labelled next tokens, or CE)."""
+    from mergekit_fisher_mask import NodeShape, get_architecture
+
+    model = load_reference_model(model_dir)
+    shape = NodeShape.from_config(model.config)
+    spec = get_architecture(shape.model_type)
+    layers = model.base_model.get_submodule(spec.layers)
+    head_grads, ffn_grads = [], []
+    for inputs, target in examples:
+        head_mask = torch.ones(shape.num_layers, shape.num_heads, requires_grad=True)
+        ffn_mask = torch.ones(shape.num_layers, shape.intermediate_size, requires_grad=True)
+        handles = []
+        for l, layer in enumerate(layers):
+            def scale_heads(module, args, l=l):
+                x = args[0]  # (1, T, H * d)
+                chunks = x.chunk(shape.num_heads, dim=-1)
+                return (torch.cat([c * head_mask[l, h] for h, c in enumerate(chunks)], dim=-1),)
+
+            def scale_neurons(module, args, l=l):
+                return (args[0] * ffn_mask[l],)
+
+            handles.append(layer.get_submodule(spec.head_module).register_forward_pre_hook(scale_heads))
+            handles.append(layer.get_submodule(spec.neuron_module).register_forward_pre_hook(scale_neurons))
+        try:
+            loss = model(**inputs, labels=target).loss
+            head_grad, ffn_grad = torch.autograd.grad(loss, [head_mask, ffn_mask])
+        finally:
+            for handle in handles:
+                handle.remove()
+        head_grads.append(head_grad)
+        ffn_grads.append(ffn_grad)
+    return torch.stack(head_grads), torch.stack(ffn_grads), model
+
+
+def reference_gradients(model_dir, texts, labels):
+    """As :func:`reference_gradients_of`, tokenizing ``texts`` (tuples of fields); LMs predict every next token."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    examples = []
+    for n, text in enumerate(texts):
+        inputs = tokenizer(*text, return_tensors="pt")
+        examples.append((inputs, inputs["input_ids"] if labels is None else torch.tensor([labels[n]])))
+    return reference_gradients_of(model_dir, examples)
+
+
+def assert_close(actual, expected, rel=1e-5):
+    scale = expected.abs().max()
+    assert scale > 0, "reference Fisher is all zero: the test would prove nothing"
+    error = (actual - expected).abs().max() / scale
+    assert error < rel, f"relative error {error:.2e}"
+
+
 def random_text(generator: torch.Generator, low: int = 3, high: int = 12) -> str:
     length = int(torch.randint(low, high, (1,), generator=generator))
     return " ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (length,), generator=generator))

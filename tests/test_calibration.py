@@ -9,58 +9,13 @@ import sys
 
 import pytest
 import torch
-from conftest import ARCHS, CLASSIFIERS, build_model, load_reference_model
+from conftest import ARCHS, CLASSIFIERS, assert_close, build_model, load_reference_model, reference_gradients
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
-from mergekit_fisher_mask import CalibrationSettings, calibrate, get_architecture, load_mask_fisher
+from mergekit_fisher_mask import CalibrationSettings, calibrate, load_mask_fisher
 from mergekit_fisher_mask.architectures import NodeShape
 from mergekit_fisher_mask.calibrate.data import select_examples
-
-REL = 1e-5
-
-
-def reference_gradients(model_dir, texts, labels):
-    """Per-example mask gradients (N, L, H) and (N, L, D): batch of one, no padding, masks as explicit tensors."""
-    model = load_reference_model(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    shape = NodeShape.from_config(model.config)
-    spec = get_architecture(shape.model_type)
-    layers = model.base_model.get_submodule(spec.layers)
-    head_grads, ffn_grads = [], []
-    for n, text in enumerate(texts):
-        head_mask = torch.ones(shape.num_layers, shape.num_heads, requires_grad=True)
-        ffn_mask = torch.ones(shape.num_layers, shape.intermediate_size, requires_grad=True)
-        handles = []
-        for l, layer in enumerate(layers):
-            def scale_heads(module, args, l=l):
-                x = args[0]  # (1, T, H * d)
-                chunks = x.chunk(shape.num_heads, dim=-1)
-                return (torch.cat([c * head_mask[l, h] for h, c in enumerate(chunks)], dim=-1),)
-
-            def scale_neurons(module, args, l=l):
-                return (args[0] * ffn_mask[l],)
-
-            handles.append(layer.get_submodule(spec.head_module).register_forward_pre_hook(scale_heads))
-            handles.append(layer.get_submodule(spec.neuron_module).register_forward_pre_hook(scale_neurons))
-        try:
-            inputs = tokenizer(*text, return_tensors="pt")
-            target = inputs["input_ids"] if labels is None else torch.tensor([labels[n]])
-            loss = model(**inputs, labels=target).loss  # HF's loss: mean over this example's next tokens, or CE
-            head_grad, ffn_grad = torch.autograd.grad(loss, [head_mask, ffn_mask])
-        finally:
-            for handle in handles:
-                handle.remove()
-        head_grads.append(head_grad)
-        ffn_grads.append(ffn_grad)
-    return torch.stack(head_grads), torch.stack(ffn_grads), model
-
-
-def assert_close(actual, expected, rel=REL):
-    scale = expected.abs().max()
-    assert scale > 0, "reference Fisher is all zero: the test would prove nothing"
-    error = (actual - expected).abs().max() / scale
-    assert error < rel, f"relative error {error:.2e}"
 
 
 def examples_for(arch, text_data, samples=10):

@@ -15,7 +15,7 @@ import torch
 
 from ..architectures import ArchitectureSpec, NodeShape, get_architecture
 from ..checkpoints import has_tokenizer, load_config, model_fingerprint, resolve_model_dir
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, SettingsError
 from ..files import MaskFisher, is_full_fisher_dir, is_mask_fisher_file, save_full_fisher, save_mask_fisher
 from ..outputs import check_no_overlap, check_replaceable
 from ..settings import CalibrationSettings, make_settings
@@ -145,6 +145,11 @@ def prepare_calibration(
 def _checked_run(model, data, out, settings: SettingsLike, accelerator, *, overwrite: bool, full: bool, **options):
     """Validate the settings and the output path (before any work), prepare the run, and clean up after it."""
     settings = _settings(settings)
+    if full and settings.device_map:
+        raise SettingsError(
+            "The full Fisher needs the whole model on one device (a per-example gradient of every parameter), so it "
+            "does not take --device-map. Calibrate the mask Fisher with --device-map instead, or drop --device-map."
+        )
     model_dir = resolve_model_dir(str(model))
     check_no_overlap(out, {"the model folder": model_dir}, option="--out")
     what, is_ours = ("a full Fisher", is_full_fisher_dir) if full else ("a mask-Fisher file", is_mask_fisher_file)

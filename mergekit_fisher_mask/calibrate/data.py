@@ -297,7 +297,8 @@ def _chat_spans(tokenizer, turns: List[Dict[str, str]], first_scored: int, where
     """The rendered conversation and the character spans of the assistant turns from ``first_scored`` on.
 
     A turn's span runs from the end of the prompt that asks for it (the conversation so far plus the template's
-    generation prompt) to the end of the turn as the template renders it, end-of-turn tokens included.
+    generation prompt) to the end of the turn as the template renders it: end-of-turn tokens are included, the
+    template's trailing whitespace is not.
     """
     full = _render(tokenizer, turns)
     spans = []
@@ -312,7 +313,8 @@ def _chat_spans(tokenizer, turns: List[Dict[str, str]], first_scored: int, where
                 "the whole (e.g. it rewrites earlier turns), so the assistant tokens cannot be located. Use "
                 "prompt/completion columns, or plain text."
             )
-        spans.append((len(before), len(through)))
+        # The turn's trailing separator (e.g. the newline after <|im_end|>) is the template's, not the answer's.
+        spans.append((len(before), len(before) + len(through[len(before):].rstrip())))
     if not spans:
         raise CalibrationDataError(f"{where}: the conversation has no assistant turn to take the loss on.")
     return full, spans

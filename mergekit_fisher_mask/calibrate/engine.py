@@ -36,18 +36,25 @@ def check_estimator(estimator: Estimator, task: Task) -> None:
 
 @contextlib.contextmanager
 def frozen(model: torch.nn.Module, *, trainable: bool = False):
-    """Evaluation mode (the Fisher of the deterministic model) with parameter gradients off (or on, if
-    ``trainable``); the model's mode and every ``requires_grad`` flag are restored on exit, even after an error."""
+    """Evaluation mode (the Fisher of the deterministic model), parameter gradients off (or on, if ``trainable``)
+    and no KV cache (calibration never generates, and a layer recomputed under activation checkpointing would
+    append to the cache twice). The model's mode, flags and ``config.use_cache`` are restored on exit."""
     was_training = model.training
     flags = [parameter.requires_grad for parameter in model.parameters()]
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
     model.eval()
     model.requires_grad_(trainable)
+    if use_cache is not None:
+        config.use_cache = False
     try:
         yield model
     finally:
         model.train(was_training)
         for parameter, flag in zip(model.parameters(), flags):
             parameter.requires_grad_(flag)
+        if use_cache is not None:
+            config.use_cache = use_cache
 
 
 def autocast_context(mixed_precision, accelerator, device: torch.device):

@@ -195,7 +195,9 @@ def load_recipe(path: str) -> Recipe:
     shared = config.pop("calibration", None) or {}
     if not isinstance(shared, dict):
         raise RecipeError(f"{path}: `calibration` must be a mapping of settings, got {shared!r}.")
-    _recipe_settings(shared, f"{path}: calibration")  # validate early even if no model needs it
+    # Validate every shared value early, even if no model needs it; whether placement options have the device_map
+    # they need is checked per model, once its own settings are merged in.
+    _recipe_settings({**shared, "device_map": shared.get("device_map") or "auto"}, f"{path}: calibration")
     base_dir = os.path.dirname(os.path.abspath(path))
 
     models = config.get("models") or []

@@ -1,0 +1,115 @@
+"""Placement never changes the result: device maps with CPU and disk offload, load dtypes, several processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from conftest import assert_close, random_text, write_jsonl
+
+from mergekit_fisher_mask import CalibrationSettings, SettingsError, calibrate, calibrate_full, load_mask_fisher
+from mergekit_fisher_mask.calibrate import Placement, compute_mask_fisher, prepare_calibration
+from mergekit_fisher_mask.merge.recipe import load_recipe
+from mergekit_fisher_mask.pipeline import InputModel, calibration_cache_key
+
+# Most layers go to disk: the budget holds the embeddings and little else.
+OFFLOAD = dict(device_map="auto", max_memory="cpu=60KB")
+
+
+@pytest.fixture
+def data(tmp_path):
+    generator = torch.Generator().manual_seed(3)
+    return write_jsonl(tmp_path / "d.jsonl", [{"text": random_text(generator), "label": i % 3} for i in range(12)])
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_disk_offloaded_pass_equals_the_in_memory_one(arch, model_zoo, data, tmp_path):
+    model = str(model_zoo(arch, num_hidden_layers=4))
+    settings = dict(samples=12, batch_size=5, max_length=32)
+    in_memory = calibrate(model, str(data), tmp_path / "a.safetensors", CalibrationSettings(**settings), progress=False)
+    offload = tmp_path / "offload"
+    mapped = CalibrationSettings(**settings, **OFFLOAD, offload_folder=str(offload))
+    run = prepare_calibration(model, str(data), mapped)
+    try:
+        placement = Placement.of(run.model)
+        assert sum(place == "disk" for place in placement.device_map.values()) >= 1, placement.device_map
+        assert placement.checkpointing
+        head, ffn, count = compute_mask_fisher(run.model, run.loader, accelerator=run.accelerator, progress=False)
+    finally:
+        run.cleanup()
+    assert count == 12
+    assert_close(head, in_memory.head)
+    assert_close(ffn, in_memory.ffn)
+    assert os.listdir(offload) == [], "the run's own offload folder is removed; the user's folder is left"
+    through_api = calibrate(model, str(data), tmp_path / "b.safetensors", mapped, progress=False)
+    assert_close(through_api.head, in_memory.head)
+
+
+def test_two_processes_with_a_device_map_equal_one(model_zoo, data, tmp_path):
+    model = model_zoo("llama", num_hidden_layers=4)
+    args = ["calibrate", str(model), "--data", str(data), "--samples", "11", "--batch-size", "3", "--quiet",
+            "--device-map", "auto", "--max-memory", "cpu=60KB", "--offload-folder", str(tmp_path / "offload")]
+    single = calibrate(str(model), str(data), tmp_path / "one.safetensors",
+                       CalibrationSettings(samples=11, batch_size=3), progress=False)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mergekit_fisher_mask"]
+    subprocess.run([*launch, *args, "--out", str(tmp_path / "two.safetensors")], check=True, env=env)
+    double = load_mask_fisher(tmp_path / "two.safetensors")
+    assert double.samples == 11 and double.data["processes"] == 2
+    assert_close(double.head, single.head)
+    assert_close(double.ffn, single.ffn)
+
+
+def test_bfloat16_weights_keep_float32_sums(model_zoo, data, tmp_path):
+    model = str(model_zoo("llama"))
+    fp32 = calibrate(model, str(data), tmp_path / "a.safetensors", CalibrationSettings(samples=8), progress=False)
+    bf16 = calibrate(model, str(data), tmp_path / "b.safetensors", CalibrationSettings(samples=8, dtype="bfloat16"),
+                     progress=False)
+    assert (fp32.dtype, bf16.dtype) == ("float32", "bfloat16")
+    assert load_mask_fisher(tmp_path / "b.safetensors").dtype == "bfloat16"
+    assert bf16.head.dtype == torch.float32 and torch.isfinite(bf16.head).all()
+    assert_close(bf16.head, fp32.head, rel=0.1)  # bf16 keeps ~3 significant digits
+
+
+def test_auto_dtype_is_float32_on_a_cpu(model_zoo, data, tmp_path):
+    fisher = calibrate(str(model_zoo("llama", torch_dtype="bfloat16")), str(data), tmp_path / "a.safetensors",
+                       CalibrationSettings(samples=4), progress=False)
+    assert fisher.dtype == "float32"
+
+
+def test_full_fisher_refuses_a_device_map_before_loading(model_zoo, data, tmp_path):
+    with pytest.raises(SettingsError, match="full Fisher needs the whole model on one device"):
+        calibrate_full(str(model_zoo("llama")), str(data), tmp_path / "full",
+                       CalibrationSettings(samples=4, device_map="auto"), progress=False)
+    assert not (tmp_path / "full").exists()
+
+
+def test_recipes_take_placement_and_the_cache_key_ignores_it(model_zoo, tmp_path):
+    models = [str(model_zoo("llama", seed=s)) for s in (1, 2)]
+    body = {
+        "merge_method": "fisher_mask",
+        "models": [{"model": m, "parameters": {"calibration_data": {"data": "d.jsonl", "device_map": "auto",
+                                                                      "max_memory": {"cpu": "1GB"}}}} for m in models],
+        "calibration": {"samples": 4, "micro_batch_size": 2, "offload_folder": str(tmp_path / "off")},
+    }
+    path = tmp_path / "recipe.yml"
+    path.write_text(yaml.safe_dump(body))
+    placed = load_recipe(str(path)).calibrations[0]
+    assert placed.settings.device_map == "auto" and placed.settings.max_memory == {"cpu": "1GB"}
+    body["models"][0]["parameters"]["calibration_data"] = "d.jsonl"
+    body["calibration"] = {"samples": 4}
+    path.write_text(yaml.safe_dump(body))
+    plain = load_recipe(str(path)).calibrations[0]
+    from transformers import AutoConfig
+
+    model = InputModel(models[0], __import__("pathlib").Path(models[0]), AutoConfig.from_pretrained(models[0]))
+    assert calibration_cache_key(placed, model) == calibration_cache_key(plain, model), "placement is not in the key"
+    body["calibration"] = {"samples": 4, "dtype": "bfloat16"}
+    path.write_text(yaml.safe_dump(body))
+    bf16 = load_recipe(str(path)).calibrations[0]
+    assert calibration_cache_key(bf16, model) != calibration_cache_key(plain, model), "dtype is in the key"
