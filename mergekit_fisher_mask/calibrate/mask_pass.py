@@ -17,7 +17,7 @@ from ..tasks import Task, task_of
 from .engine import check_estimator, run_pass
 from .losses import Batch, LabelSampler, classifier_logits, per_example_losses
 from .masks import MaskNodes, layer_modules
-from .placement import Placement, checkpointed
+from .placement import Placement, checkpointed, return_freed_weights_to_the_os
 
 ForwardFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
 
@@ -153,6 +153,8 @@ def compute_mask_fisher(
             shape, length, budget, dtype_bytes=activation_bytes, checkpointing=placement.checkpointing
         )
 
+    if placement.offloaded:
+        return_freed_weights_to_the_os()
     layers = layer_modules(model, spec)
     with MaskNodes(model, spec, shape) as nodes, checkpointed(layers, placement.checkpointing):
         step = _MaskStep(model, nodes, task, estimator, forward_fn, seed, micro)
