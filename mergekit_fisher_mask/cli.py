@@ -46,7 +46,7 @@ def calibrate(model, data, out, full, overwrite, settings: CalibrationSettings, 
     if PartialState().is_main_process:
         click.echo(
             f"Wrote {out}: {fisher.samples} samples, estimator {fisher.estimator}, loss {fisher.loss}, "
-            f"dtype {fisher.dtype}, head_fisher {tuple(fisher.head.shape)}, ffn_fisher {tuple(fisher.ffn.shape)}",
+            f"dtype {fisher.dtype}, " + ", ".join(f"{key} {tuple(value.shape)}" for key, value in fisher.groups.items()),
             err=True,
         )
 

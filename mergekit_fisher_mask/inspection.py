@@ -17,7 +17,8 @@ QUANTILES = 20  # columns of the neuron heatmap: quantiles of each layer's neuro
 
 @dataclass(frozen=True)
 class MaskSummary:
-    """Numbers behind the text report of one mask-Fisher file."""
+    """Numbers behind the text report of one mask-Fisher file (of its first head and neuron groups; all groups'
+    concentration in ``shares``)."""
 
     head_mean: torch.Tensor  # (L,)
     head_max: torch.Tensor  # (L,)
@@ -26,6 +27,14 @@ class MaskSummary:
     top_heads: List[Tuple[int, int, float]]  # (layer, head, value), largest first
     head_top10_share: float  # share of all head Fisher held by the top 10% of heads
     ffn_top10_share: float
+    shares: Dict[str, float]  # every group: share held by its top 10% of nodes
+
+
+def main_groups(fisher: MaskFisher) -> Tuple[str, torch.Tensor, str, torch.Tensor]:
+    """(key, (L, H)) of the first head group and (key, (L, K)) of the first neuron group (experts flattened)."""
+    head_key = next(key for key in fisher.groups if key.endswith("head_fisher"))
+    neuron_key = next((key for key in fisher.groups if key.endswith("ffn_fisher")), None) or "expert_fisher"
+    return head_key, fisher.groups[head_key], neuron_key, fisher.groups[neuron_key].flatten(1)
 
 
 def top_share(values: torch.Tensor, fraction: float = 0.1) -> float:
@@ -39,33 +48,37 @@ def top_share(values: torch.Tensor, fraction: float = 0.1) -> float:
 
 
 def summarize_mask(fisher: MaskFisher, top_k: int = 10) -> MaskSummary:
-    heads = fisher.head.shape[1]
-    values, order = fisher.head.flatten().topk(min(top_k, fisher.head.numel()))
+    _, head, _, ffn = main_groups(fisher)
+    heads = head.shape[1]
+    values, order = head.flatten().topk(min(top_k, head.numel()))
     return MaskSummary(
-        head_mean=fisher.head.mean(dim=1),
-        head_max=fisher.head.amax(dim=1),
-        ffn_mean=fisher.ffn.mean(dim=1),
-        ffn_max=fisher.ffn.amax(dim=1),
+        head_mean=head.mean(dim=1),
+        head_max=head.amax(dim=1),
+        ffn_mean=ffn.mean(dim=1),
+        ffn_max=ffn.amax(dim=1),
         top_heads=[(int(i) // heads, int(i) % heads, float(v)) for v, i in zip(values, order)],
-        head_top10_share=top_share(fisher.head),
-        ffn_top10_share=top_share(fisher.ffn),
+        head_top10_share=top_share(head),
+        ffn_top10_share=top_share(ffn),
+        shares={key: top_share(values) for key, values in fisher.groups.items()},
     )
 
 
 def format_mask_summary(path: str, fisher: MaskFisher, top_k: int = 10) -> str:
     summary = summarize_mask(fisher, top_k)
     shape = fisher.shape
+    head_key, _, neuron_key, _ = main_groups(fisher)
+    experts = f", {shape.num_experts} experts x {shape.expert_size} neurons" if shape.num_experts else ""
     lines = [
         f"{path}",
         f"  model {fisher.model or '?'} ({shape.model_type}: {shape.num_layers} layers x {shape.num_heads} heads "
-        f"[{shape.num_kv_heads} KV], {shape.intermediate_size} FFN neurons)",
+        f"[{shape.num_kv_heads} KV], {shape.intermediate_size} FFN neurons{experts})",
         f"  {fisher.samples} samples, estimator {fisher.estimator}, loss {fisher.loss}, data {fisher.data.get('source')}",
-        f"  concentration: top 10% of heads hold {summary.head_top10_share:.1%} of head Fisher, "
-        f"top 10% of neurons hold {summary.ffn_top10_share:.1%} of neuron Fisher",
+        "  concentration (share of each group's Fisher held by its top 10% of nodes): "
+        + ", ".join(f"{key} {share:.1%}" for key, share in summary.shares.items()),
         "",
-        "  layer   head mean    head max     neuron mean  neuron max",
+        f"  layer   {head_key} mean / max      {neuron_key} mean / max",
     ]
-    for layer in range(shape.num_layers):
+    for layer in range(len(summary.head_mean)):
         lines.append(
             f"  {layer:5d}   {summary.head_mean[layer]:.4e}  {summary.head_max[layer]:.4e}   "
             f"{summary.ffn_mean[layer]:.4e}   {summary.ffn_max[layer]:.4e}"
@@ -103,8 +116,9 @@ def neuron_quantiles(ffn: torch.Tensor, count: int = QUANTILES) -> torch.Tensor:
 
 def merge_shares(fishers: Sequence[MaskFisher], normalize: Normalize) -> Tuple[torch.Tensor, torch.Tensor]:
     """Each model's share ``F_k / sum_j F_j`` of the merge weight: (K, L, H) for heads, (K, L, D) for neurons."""
-    heads = torch.stack([normalized(f.head, normalize) for f in fishers])
-    ffn = torch.stack([normalized(f.ffn, normalize) for f in fishers])
+    groups = [main_groups(f) for f in fishers]
+    heads = torch.stack([normalized(head, normalize) for _, head, _, _ in groups])
+    ffn = torch.stack([normalized(ffn, normalize) for _, _, _, ffn in groups])
     return heads / heads.sum(0).clamp_min(1e-30), ffn / ffn.sum(0).clamp_min(1e-30)
 
 
@@ -136,7 +150,7 @@ def plot_mask_fishers(
         raise FisherMaskError(f"Files to plot side by side must come from models of one shape; got {sorted(shapes)}.")
     columns = len(fishers) + (1 if len(fishers) > 1 else 0)
     figure, axes = plt.subplots(2, columns, figsize=(4 * columns, 7), dpi=dpi, squeeze=False, layout="constrained")
-    panels = [(f.head, neuron_quantiles(f.ffn)) for f in fishers]
+    panels = [(head, neuron_quantiles(ffn)) for _, head, _, ffn in map(main_groups, fishers)]
     positive = torch.cat([torch.cat([h.flatten(), q.flatten()]) for h, q in panels])
     positive = positive[positive > 0]
     low, high = (float(positive.min()), float(positive.max())) if positive.numel() else (1e-12, 1.0)

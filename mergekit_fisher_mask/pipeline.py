@@ -29,7 +29,7 @@ from .checkpoints import check_weights, has_tokenizer, load_config, model_finger
 from .errors import FisherFileError, FisherMaskError, RecipeError
 from .files import FullFisherReader, check_matches_model, is_full_fisher_dir, is_mask_fisher_file, load_mask_fisher
 from .inspection import summarize_mask
-from .merge.heads import copy_task_head, excluding_weights, task_head_tensors
+from .merge.heads import copy_task_head, excluding_weights, planned_names, task_head_tensors
 from .merge.model_card import write_model_card
 from .merge.recipe import PLUGIN_METHODS, CalibrationRequest, Recipe, load_recipe
 from .outputs import check_no_overlap, check_replaceable, publish, staged_folder
@@ -186,8 +186,9 @@ def _check_fishers(recipe: Recipe, inputs: Dict[str, InputModel], verify_fingerp
             "estimator": fisher.estimator,
             "loss": fisher.loss,
             "data": fisher.data.get("source"),
-            "summary": f"top 10% of heads hold {summary.head_top10_share:.1%} of head Fisher, "
-            f"top 10% of neurons {summary.ffn_top10_share:.1%}",
+            "summary": "top 10% of nodes hold " + ", ".join(
+                f"{share:.1%} of {key.removesuffix('_fisher')}" for key, share in summary.shares.items()
+            ),
         }
     return provenance
 
@@ -266,7 +267,7 @@ def run_fisher_merge(
         provenance = _check_fishers(recipe, inputs, verify_fingerprint)
         merge_config = recipe.merge_configuration()  # now with the calibrated `fisher` paths
 
-    head_names = _heads_from_base(spec, recipe, inputs, base, heads) if spec is not None else []
+    head_names = _heads_from_base(spec, recipe, inputs, base, heads, merge_config, merge_options) if spec else []
     options = merge_options.model_copy(
         update={
             "write_model_card": False,  # ours is written below; mergekit's calls the Hub for local paths
@@ -288,16 +289,27 @@ def run_fisher_merge(
 
 
 def _heads_from_base(
-    spec: ArchitectureSpec, recipe: Recipe, inputs: Dict[str, InputModel], base: InputModel, policy: str
+    spec: ArchitectureSpec, recipe: Recipe, inputs: Dict[str, InputModel], base: InputModel, policy: str,
+    merge_config, merge_options,
 ) -> List[str]:
     """Names of task-head tensors to take from the base model instead of merging (empty: merge them)."""
-    if policy == "merge":
-        return []
     merged = [task_head_tensors(spec, inputs[reference].directory) for reference in recipe.model_references()]
     if not any(merged):  # no task heads at all (e.g. causal LMs): nothing to take from anywhere
         return []
-    if policy == "auto" and all(heads == merged[0] for heads in merged):
+    # mergekit plans some head classes (e.g. BERT's question answering) from another class's tensor names and would
+    # silently leave the head out of the output.
+    unplanned = sorted(set(merged[0]) - planned_names(merge_config, merge_options, base.config))
+    if unplanned and policy == "merge":
+        raise RecipeError(
+            f"{recipe.path}: mergekit 0.1.5 does not plan the task-head tensors {', '.join(unplanned)} of "
+            f"{base.config.architectures[0]}, so they cannot be merged. Use --heads auto or base to take them from "
+            "base_model."
+        )
+    if policy == "merge" or policy == "auto" and not unplanned and all(heads == merged[0] for heads in merged):
         return []
+    if unplanned and policy == "auto":
+        LOG.warning("mergekit 0.1.5 does not plan %s; taking them from base model %s.", ", ".join(unplanned),
+                    base.reference)
     names = sorted(task_head_tensors(spec, base.directory))
     if not names:
         raise RecipeError(

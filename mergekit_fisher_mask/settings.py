@@ -92,7 +92,12 @@ class CalibrationSettings(BaseModel):
         description="Text column; give twice for sentence pairs [default: guessed].",
         json_schema_extra={"cli": "--text-column"},
     )
-    label_column: Optional[str] = Field(None, description="Label column for classifiers [default: label].")
+    label_column: Optional[str] = Field(
+        None, description="Label column for classifiers [default: label; ner_tags, labels or tags for token tags]."
+    )
+    target_column: Optional[str] = Field(
+        None, description="Sequence-to-sequence models: the target text column [default: target, summary, ...]."
+    )
     mixed_precision: MixedPrecision = Field(MixedPrecision.NO, description="Autocast the forward pass.")
     dtype: LoadDtype = Field(
         LoadDtype.AUTO, description="Load the weights in this dtype (auto: the checkpoint's on a GPU, float32 on a CPU)."

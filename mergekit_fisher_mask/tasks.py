@@ -14,30 +14,53 @@ class Loss(str, enum.Enum):
     CROSS_ENTROPY = "cross_entropy"
     MSE = "mse"
     CAUSAL_LM = "causal_lm"
+    TOKEN_CROSS_ENTROPY = "token_cross_entropy"  # mean over an example's labelled tokens
+    SPAN = "span"  # question answering: mean of the start and end cross-entropies
+    SEQ2SEQ = "seq2seq"  # mean over an example's target tokens
 
 
 class Task(str, enum.Enum):
     CLASSIFICATION = "classification"  # sequence classifier with num_labels > 1
     REGRESSION = "regression"  # sequence classifier with num_labels == 1
     CAUSAL_LM = "causal_lm"
+    TOKEN_CLASSIFICATION = "token_classification"  # one label per word (NER)
+    QUESTION_ANSWERING = "question_answering"  # extractive: start and end of the answer span
+    SEQ2SEQ = "seq2seq"  # encoder-decoder generation (T5)
 
     @property
     def loss(self) -> Loss:
-        return {Task.CLASSIFICATION: Loss.CROSS_ENTROPY, Task.REGRESSION: Loss.MSE, Task.CAUSAL_LM: Loss.CAUSAL_LM}[self]
+        return _LOSSES[self]
 
     @property
     def auto_class(self) -> str:
         """The transformers Auto class that loads this head."""
-        if self == Task.CAUSAL_LM:
-            return "AutoModelForCausalLM"
-        return "AutoModelForSequenceClassification"
+        return _AUTO_CLASSES[self]
 
 
+_LOSSES = {
+    Task.CLASSIFICATION: Loss.CROSS_ENTROPY,
+    Task.REGRESSION: Loss.MSE,
+    Task.CAUSAL_LM: Loss.CAUSAL_LM,
+    Task.TOKEN_CLASSIFICATION: Loss.TOKEN_CROSS_ENTROPY,
+    Task.QUESTION_ANSWERING: Loss.SPAN,
+    Task.SEQ2SEQ: Loss.SEQ2SEQ,
+}
+_AUTO_CLASSES = {
+    Task.CLASSIFICATION: "AutoModelForSequenceClassification",
+    Task.REGRESSION: "AutoModelForSequenceClassification",
+    Task.CAUSAL_LM: "AutoModelForCausalLM",
+    Task.TOKEN_CLASSIFICATION: "AutoModelForTokenClassification",
+    Task.QUESTION_ANSWERING: "AutoModelForQuestionAnswering",
+    Task.SEQ2SEQ: "AutoModelForSeq2SeqLM",
+}
 # Architecture class-name suffix -> the task of that head (the first matching suffix wins).
 _HEAD_SUFFIXES: Tuple[Tuple[str, Task], ...] = (
     ("ForSequenceClassification", Task.CLASSIFICATION),
     ("ForCausalLM", Task.CAUSAL_LM),
     ("LMHeadModel", Task.CAUSAL_LM),
+    ("ForTokenClassification", Task.TOKEN_CLASSIFICATION),
+    ("ForQuestionAnswering", Task.QUESTION_ANSWERING),
+    ("ForConditionalGeneration", Task.SEQ2SEQ),
 )
 
 

@@ -9,7 +9,16 @@ import sys
 
 import pytest
 import torch
-from conftest import ARCHS, CLASSIFIERS, assert_close, build_model, load_reference_model, reference_gradients
+from conftest import (
+    ARCHS,
+    assert_close,
+    build_model,
+    data_for,
+    load_reference_model,
+    reference_examples,
+    reference_fisher,
+    reference_gradients_of,
+)
 from safetensors import safe_open
 from transformers import AutoTokenizer
 
@@ -18,38 +27,35 @@ from mergekit_fisher_mask.architectures import NodeShape
 from mergekit_fisher_mask.calibrate.data import select_examples
 
 
-def examples_for(arch, text_data, samples=10):
-    needs_labels = arch in CLASSIFIERS
-    data = select_examples(str(text_data), samples=samples, seed=0, needs_labels=needs_labels)
-    return data.examples, data.labels
+def assert_groups_close(actual, expected, rel=1e-5):
+    assert set(actual) == set(expected), (sorted(actual), sorted(expected))
+    for key in expected:
+        assert_close(actual[key], expected[key], rel)
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
-def test_empirical_fisher_matches_single_example_reference(arch, model_zoo, text_data, tmp_path):
+def test_empirical_fisher_matches_single_example_reference(arch, model_zoo, tmp_path):
     model_dir = model_zoo(arch)
+    data = data_for(arch, tmp_path)
     out = tmp_path / "fisher.safetensors"
-    fisher = calibrate(str(model_dir), str(text_data), out, CalibrationSettings(samples=10, batch_size=4), progress=False)
-    texts, labels = examples_for(arch, text_data)
-    head_grads, ffn_grads, _ = reference_gradients(model_dir, texts, labels)
+    fisher = calibrate(str(model_dir), str(data), out, CalibrationSettings(samples=10, batch_size=4), progress=False)
     assert fisher.samples == 10
-    assert_close(fisher.head, (head_grads**2).mean(0))
-    assert_close(fisher.ffn, (ffn_grads**2).mean(0))
+    assert_groups_close(fisher.groups, reference_fisher(model_dir, reference_examples(model_dir, data, 10)))
     stored = load_mask_fisher(out)
-    assert torch.equal(stored.head, fisher.head) and torch.equal(stored.ffn, fisher.ffn)
+    assert all(torch.equal(stored.groups[key], value) for key, value in fisher.groups.items())
 
 
-@pytest.mark.parametrize("arch", ["bert", "llama", "gpt2"])
-def test_batch_size_and_padding_do_not_change_the_result(arch, model_zoo, text_data, tmp_path):
+@pytest.mark.parametrize("arch", ["bert", "llama", "gpt2", "mixtral", "t5", "bert-tokens", "bert-qa"])
+def test_batch_size_and_padding_do_not_change_the_result(arch, model_zoo, tmp_path):
     results = [
         calibrate(
-            str(model_zoo(arch)), str(text_data), tmp_path / f"b{b}.safetensors",
+            str(model_zoo(arch)), str(data_for(arch, tmp_path)), tmp_path / f"b{b}.safetensors",
             CalibrationSettings(samples=12, batch_size=b), progress=False,
         )
         for b in (1, 5, 12)
     ]
     for other in results[1:]:
-        assert_close(other.head, results[0].head)
-        assert_close(other.ffn, results[0].ffn)
+        assert_groups_close(other.groups, results[0].groups)
 
 
 @pytest.mark.parametrize("estimator", ["empirical", "batch"])
@@ -63,8 +69,7 @@ def test_micro_batches_do_not_change_the_result(estimator, model_zoo, text_data,
         for micro in (None, 1, 4)
     ]
     for other in results[1:]:
-        assert_close(other.head, results[0].head)
-        assert_close(other.ffn, results[0].ffn)
+        assert_groups_close(other.groups, results[0].groups)
 
 
 def test_automatic_micro_batch_size_bounds_activations():
@@ -82,16 +87,17 @@ def test_automatic_micro_batch_size_bounds_activations():
     assert auto_micro_batch_size(smollm2, 128, cpu, dtype_bytes=2, checkpointing=True) >= 2 * checkpointed - 1
 
 
-@pytest.mark.parametrize("arch", ["bert", "llama"])
-def test_batch_estimator_squares_each_batch_mean_gradient(arch, model_zoo, text_data, tmp_path):
+@pytest.mark.parametrize("arch", ["bert", "llama", "qwen2_moe"])
+def test_batch_estimator_squares_each_batch_mean_gradient(arch, model_zoo, tmp_path):
+    model_dir, data = model_zoo(arch), data_for(arch, tmp_path)
     fisher = calibrate(
-        str(model_zoo(arch)), str(text_data), tmp_path / "f.safetensors",
+        str(model_dir), str(data), tmp_path / "f.safetensors",
         CalibrationSettings(samples=10, batch_size=4, estimator="batch"), progress=False,
     )
-    head_grads, ffn_grads, _ = reference_gradients(model_zoo(arch), *examples_for(arch, text_data))
-    batches = [slice(0, 4), slice(4, 8), slice(8, 10)]
-    assert_close(fisher.head, sum(head_grads[b].mean(0) ** 2 for b in batches))
-    assert_close(fisher.ffn, sum(ffn_grads[b].mean(0) ** 2 for b in batches))
+    grads, _ = reference_gradients_of(model_dir, reference_examples(model_dir, data, 10))
+    batches = [grads[0:4], grads[4:8], grads[8:10]]
+    expected = {key: sum(torch.stack([g[key] for g in b]).mean(0) ** 2 for b in batches) for key in grads[0]}
+    assert_groups_close(fisher.groups, expected)
     assert fisher.estimator == "batch"
 
 
@@ -101,18 +107,17 @@ def test_expected_estimator_matches_reference(model_zoo, text_data, tmp_path):
         str(model_dir), str(text_data), tmp_path / "f.safetensors",
         CalibrationSettings(samples=6, batch_size=4, estimator="expected"), progress=False,
     )
-    texts, _ = examples_for("bert", text_data, samples=6)
+    examples = reference_examples(model_dir, text_data, 6)
     model = load_reference_model(model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    probs = torch.stack([model(**tokenizer(*t, return_tensors="pt")).logits.softmax(-1)[0] for t in texts]).detach()
-    head, ffn = 0, 0
+    probs = torch.stack([model(**inputs).logits.softmax(-1)[0] for inputs, _ in examples]).detach()  # (N, C)
+    expected = {}
     for c in range(3):
         # CE with label c is -log p(c|x): its squared gradient is the squared gradient of log p(c|x).
-        h, f, _ = reference_gradients(model_dir, texts, [c] * len(texts))
-        head = head + (probs[:, c, None, None] * h**2).mean(0)
-        ffn = ffn + (probs[:, c, None, None] * f**2).mean(0)
-    assert_close(fisher.head, head)
-    assert_close(fisher.ffn, ffn)
+        grads, _ = reference_gradients_of(model_dir, [(inputs, {"labels": torch.tensor([c])}) for inputs, _ in examples])
+        for key in grads[0]:
+            weighted = torch.stack([p * g[key] ** 2 for p, g in zip(probs[:, c], grads)]).mean(0)
+            expected[key] = expected.get(key, 0) + weighted
+    assert_groups_close(fisher.groups, expected)
 
 
 def test_sampled_estimator_is_reproducible_and_differs_from_empirical(model_zoo, text_data, tmp_path):
@@ -192,7 +197,7 @@ def test_file_metadata_describes_model_and_data(model_zoo, text_data, tmp_path):
         meta = handle.metadata()
         assert handle.get_tensor("head_fisher").dtype == torch.float32
         assert tuple(handle.get_tensor("ffn_fisher").shape) == (2, 48)
-    assert meta["format"] == "mergekit-fisher-mask/mask" and meta["format_version"] == "1"
+    assert meta["format"] == "mergekit-fisher-mask/mask" and meta["format_version"] == "2"
     assert (meta["model_type"], meta["num_heads"], meta["num_kv_heads"], meta["head_dim"]) == ("llama", "4", "2", "8")
     assert (meta["samples"], meta["estimator"], meta["loss"]) == ("7", "empirical", "causal_lm")
     assert meta["fingerprint"].startswith("st:")

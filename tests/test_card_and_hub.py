@@ -36,7 +36,7 @@ def test_card_of_a_real_merge_loads_and_carries_the_details(recipe_file, tmp_pat
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-classification"
     ModelCardData(**card.data.to_dict())  # the metadata round-trips through huggingface_hub's schema
     assert "estimator: expected" in card.text  # the recipe, verbatim
-    assert "| 6 | expected | cross_entropy | top 10% of heads hold" in card.text
+    assert "| 6 | expected | cross_entropy | top 10% of nodes hold" in card.text
     assert (out / "mergekit_config.yml").read_text() == recipe_file.read_text()
 
 

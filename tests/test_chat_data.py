@@ -11,10 +11,10 @@ import shutil
 
 import pytest
 import torch
-from conftest import WORDS, assert_close, make_tokenizer, reference_gradients_of, write_jsonl
+from conftest import WORDS, assert_close, make_tokenizer, reference_fisher, write_jsonl
 from transformers import AutoTokenizer
 
-from mergekit_fisher_mask import CalibrationDataError, CalibrationSettings, calibrate
+from mergekit_fisher_mask import CalibrationDataError, CalibrationSettings, Task, calibrate
 from mergekit_fisher_mask.calibrate.data import select_examples
 
 # ChatML, with generation blocks around what an assistant turn says (its end-of-turn token included).
@@ -55,9 +55,9 @@ def conversations(count=6):
 
 
 def reference(model_dir, data_path, examples_to_inputs):
-    data = select_examples(str(data_path), samples=6, seed=0, chat_ok=True)
+    data = select_examples(str(data_path), samples=6, seed=0, task=Task.CAUSAL_LM)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    return reference_gradients_of(model_dir, [examples_to_inputs(tokenizer, fields) for fields in data.examples])
+    return reference_fisher(model_dir, [examples_to_inputs(tokenizer, fields) for fields in data.examples])
 
 
 def test_messages_loss_is_on_assistant_turns(chat_model, tmp_path):
@@ -70,12 +70,12 @@ def test_messages_loss_is_on_assistant_turns(chat_model, tmp_path):
         scored = encoded.pop("assistant_masks").bool()
         assert scored.any()
         labels = encoded["input_ids"].masked_fill(~scored, -100)
-        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}, labels
+        return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}, {"labels": labels}
 
-    heads, ffn, _ = reference(chat_model, data, inputs)
+    expected = reference(chat_model, data, inputs)
     assert fisher.data["kind"] == "chat" and fisher.samples == 6
-    assert_close(fisher.head, (heads**2).mean(0))
-    assert_close(fisher.ffn, (ffn**2).mean(0))
+    assert_close(fisher.head, expected["head_fisher"])
+    assert_close(fisher.ffn, expected["ffn_fisher"])
 
 
 def test_prompt_completion_strings_score_the_completion(chat_model, tmp_path):
@@ -89,12 +89,12 @@ def test_prompt_completion_strings_score_the_completion(chat_model, tmp_path):
         encoded = tokenizer(prompt + completion, return_tensors="pt")
         labels = encoded["input_ids"].clone()
         labels[0, : len(tokenizer(prompt)["input_ids"])] = -100
-        return dict(encoded), labels
+        return dict(encoded), {"labels": labels}
 
-    heads, ffn, _ = reference(chat_model, data, inputs)
+    expected = reference(chat_model, data, inputs)
     assert fisher.data["kind"] == "completion"
-    assert_close(fisher.head, (heads**2).mean(0))
-    assert_close(fisher.ffn, (ffn**2).mean(0))
+    assert_close(fisher.head, expected["head_fisher"])
+    assert_close(fisher.ffn, expected["ffn_fisher"])
 
 
 def test_conversational_prompt_completion_scores_the_completion_turns(chat_model, tmp_path):
@@ -111,10 +111,12 @@ def test_conversational_prompt_completion_scores_the_completion_turns(chat_model
         before = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_tensors="pt",
                                                return_dict=True)["input_ids"].shape[1]
         scored[0, :before] = False
-        return {k: encoded[k] for k in ("input_ids", "attention_mask")}, encoded["input_ids"].masked_fill(~scored, -100)
+        labels = encoded["input_ids"].masked_fill(~scored, -100)
+        return {k: encoded[k] for k in ("input_ids", "attention_mask")}, {"labels": labels}
 
-    heads, ffn, _ = reference(chat_model, data, inputs)
-    assert_close(fisher.head, (heads**2).mean(0))
+    expected = reference(chat_model, data, inputs)
+    assert_close(fisher.head, expected["head_fisher"])
+    assert_close(fisher.ffn, expected["ffn_fisher"])
 
 
 @pytest.mark.parametrize(

@@ -61,7 +61,7 @@ def test_cli_text_and_png(tmp_path):
     result = CliRunner().invoke(main, ["inspect", *map(str, paths), "--plot", str(png), "--top-k", "2"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
-    assert "top 10% of heads hold" in result.output and "top 2 heads" in result.output
+    assert "top 10% of nodes): head_fisher" in result.output and "top 2 heads" in result.output
     image = matplotlib.image.imread(png)
     assert image.shape[:2] == (700, 1200)  # 2 rows x 7 in at 100 dpi; 3 columns (2 models + merge weights) x 4 in
 

@@ -168,10 +168,11 @@ def test_model_normalization_and_gqa_sum(tmp_path):
     model = build_model("llama")
     fisher = write_fisher(tmp_path / "f.safetensors", model, seed=0)
     nodes = NodeWeights.from_fisher(fisher, Normalize.MODEL)
-    torch.testing.assert_close(nodes.head.mean(), torch.tensor(1.0))
-    torch.testing.assert_close(nodes.ffn.mean(), torch.tensor(1.0))
+    torch.testing.assert_close(nodes.groups["head_fisher"].mean(), torch.tensor(1.0))
+    torch.testing.assert_close(nodes.groups["ffn_fisher"].mean(), torch.tensor(1.0))
     # 4 query heads read 2 KV heads: heads {0, 1} -> KV 0 and {2, 3} -> KV 1.
-    torch.testing.assert_close(nodes.kv_head(0), torch.stack([nodes.head[0, :2].sum(), nodes.head[0, 2:].sum()]))
+    head = nodes.groups["head_fisher"]
+    torch.testing.assert_close(nodes.kv_heads(head[0]), torch.stack([head[0, :2].sum(), head[0, 2:].sum()]))
 
 
 def test_all_zero_fisher_falls_back_to_the_weighted_average(tmp_path):

@@ -73,8 +73,8 @@ def configuration(model: str, data: Path, settings: CalibrationSettings, repeats
     report = {"dtype": str(run.model.dtype), "device_map": placement.device_map and sorted(set(map(str, placement.device_map.values()))),
               "checkpointing": placement.checkpointing, "forward": timed(forward, repeats), "mask": timed(mask, repeats)}
     report["mask_x_forward"] = report["mask"]["seconds"] / report["forward"]["seconds"]
-    head, _, _ = compute_mask_fisher(run.model, batches, accelerator=run.accelerator, progress=False)
-    report["head_fisher"] = head.tolist()
+    groups, _ = compute_mask_fisher(run.model, batches, accelerator=run.accelerator, progress=False)
+    report["head_fisher"] = groups["head_fisher"].tolist()
     run.cleanup()
     del run
     if torch.cuda.is_available():

@@ -58,8 +58,9 @@ def passes(model: str, data: str, batch: int, length: int, samples: int, chunk: 
                 run.model(**model_inputs(b))
 
     def mask(precision):
-        return compute_mask_fisher(run.model, run.loader, accelerator=run.accelerator, progress=False,
-                                   mixed_precision=precision)
+        groups, _ = compute_mask_fisher(run.model, run.loader, accelerator=run.accelerator, progress=False,
+                                        mixed_precision=precision)
+        return groups["head_fisher"], groups["ffn_fisher"]
 
     forward()  # warm-up: CUDA context, kernels, allocator
     _, report["forward_s"], report["forward_peak_cuda_mb"] = timed(forward)

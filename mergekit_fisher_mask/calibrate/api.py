@@ -29,6 +29,8 @@ from .placement import load_model
 LOG = logging.getLogger(__name__)
 
 SettingsLike = Union[CalibrationSettings, Mapping[str, Any], None]
+# Tasks whose data carries labels (language models predict their own text; QA data always holds answers).
+_LABELLED = (Task.CLASSIFICATION, Task.REGRESSION, Task.TOKEN_CLASSIFICATION)
 
 
 @dataclass
@@ -109,10 +111,11 @@ def prepare_calibration(
         data,
         samples=settings.samples,
         seed=settings.seed,
+        task=task,
         text_columns=settings.text_columns,
         label_column=settings.label_column,
-        needs_labels=task != Task.CAUSAL_LM and settings.estimator.uses_labels,
-        chat_ok=task == Task.CAUSAL_LM,
+        target_column=settings.target_column,
+        needs_labels=task in _LABELLED and settings.estimator.uses_labels,
     )
     labels = encode_labels(examples, config, source=data) if examples.labels is not None else None
     max_length = effective_max_length(settings.max_length, spec, config, str(model_dir))
@@ -121,8 +124,10 @@ def prepare_calibration(
             f"{model_dir}: no tokenizer files (tokenizer.json, tokenizer_config.json, vocab files). Save the "
             "tokenizer next to the model with tokenizer.save_pretrained."
         )
+    # Byte-level BPE tokenizers (RoBERTa, GPT-2, DeBERTa) need a prefix space to tokenize pre-split words.
+    options = {"add_prefix_space": True} if task == Task.TOKEN_CLASSIFICATION else {}
     try:
-        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(model_dir))
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(model_dir, **options), config.pad_token_id)
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"{model_dir}: cannot load its tokenizer ({str(error).splitlines()[0]}).") from error
     dataset = CalibrationDataset(examples, tokenizer, max_length=max_length, labels=labels, source=data)
@@ -191,7 +196,7 @@ def calibrate(
     the main process writes the file.
     """
     with _checked_run(model, data, out, settings, accelerator, overwrite=overwrite, full=False) as run:
-        head, ffn, count = compute_mask_fisher(
+        groups, count = compute_mask_fisher(
             run.model,
             run.loader,
             estimator=run.settings.estimator,
@@ -201,7 +206,7 @@ def calibrate(
             mixed_precision=run.settings.mixed_precision,
             micro_batch_size=run.settings.micro_batch_size,
         )
-    fisher = MaskFisher(head=head, ffn=ffn, shape=NodeShape.from_config(run.model.config), **_provenance(run, model, count))
+    fisher = MaskFisher(groups=groups, shape=NodeShape.from_config(run.model.config), **_provenance(run, model, count))
     if run.accelerator.is_main_process:
         save_mask_fisher(fisher, out)
     run.accelerator.wait_for_everyone()

@@ -1,12 +1,15 @@
 """Calibration data: load a local file or a ``datasets`` name, pick the columns, tokenize, pad right.
 
-Three kinds of example:
+The kinds of example, chosen by the model's task:
 
 * **text**: one text column, or two for sentence pairs (classifiers), or plain text for language models;
 * **chat**: a ``messages`` column of ``{role, content}`` turns, rendered with the tokenizer's chat template exactly
   as a chat model is fine-tuned; the loss is taken on the assistant turns only;
 * **completion**: ``prompt`` and ``completion`` columns (strings, or lists of chat turns); the loss is taken on the
-  completion only.
+  completion only;
+* **tokens** (token classification): a word list and one tag per word, on the word's first sub-token;
+* **qa** (extractive QA): ``question``, ``context`` and SQuAD-style ``answers``;
+* **seq2seq**: a source and a target text column.
 
 Every problem with a file or a value is one :class:`CalibrationDataError` naming the file, the row and the fix.
 """
@@ -25,6 +28,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..errors import CalibrationDataError
+from ..tasks import Task
+from .losses import IGNORE, TARGETS
 
 LOG = logging.getLogger(__name__)
 
@@ -34,7 +39,14 @@ _PAIR_COLUMNS = (("sentence1", "sentence2"), ("question", "sentence"), ("premise
 _LABEL_COLUMNS = ("label", "labels")
 _ROW = "__row__"  # original row number, carried through the shuffle for error messages
 
-TEXT, CHAT, COMPLETION = "text", "chat", "completion"
+TEXT, CHAT, COMPLETION, TOKENS, QA, SEQ2SEQ = "text", "chat", "completion", "tokens", "qa", "seq2seq"
+_WORD_COLUMNS = ("tokens", "words")
+_TAG_COLUMNS = ("ner_tags", "labels", "tags", "label")
+_QA_COLUMNS = ("question", "context")
+_SOURCE_COLUMNS = ("source", "input", "text", "document", "article", "question")
+_TARGET_COLUMNS = ("target", "output", "summary", "highlights", "answer", "response")
+# Keys the tokenizer pads itself; the rest are padded by the dataset's collate.
+_PADDED_BY_TOKENIZER = frozenset({"input_ids", "attention_mask", "token_type_ids"})
 
 
 @dataclass(frozen=True)
@@ -160,19 +172,48 @@ def load_rows(source: str):
         ) from error
 
 
-def _pick_columns(columns: Sequence[str], requested: Optional[Sequence[str]], source: str, chat_ok: bool):
-    """(kind, columns) for the data: the requested text columns, or guessed ones."""
-    if requested:
-        missing = [column for column in requested if column not in columns]
-        if missing:
-            raise CalibrationDataError(
-                f"Calibration data {source} has no column {missing[0]!r} (columns: {', '.join(columns)}). "
-                "Pass --text-column with one of those (twice for sentence pairs)."
-            )
-        return TEXT, list(requested)
-    if chat_ok and "messages" in columns:
+def _missing(columns: Sequence[str], wanted: Sequence[str], source: str, option: str) -> None:
+    missing = [column for column in wanted if column not in columns]
+    if missing:
+        raise CalibrationDataError(
+            f"Calibration data {source} has no column {missing[0]!r} (columns: {', '.join(columns)}). "
+            f"Pass {option} with one of those."
+        )
+
+
+def _guess(columns: Sequence[str], candidates: Sequence[str], source: str, what: str, option: str) -> str:
+    found = next((c for c in candidates if c in columns), None)
+    if found is None:
+        raise CalibrationDataError(
+            f"Calibration data {source}: could not guess the {what} column among {', '.join(columns)}. "
+            f"Pass {option} NAME."
+        )
+    return found
+
+
+def _pick_columns(
+    columns: Sequence[str], task: Task, source: str, text_columns: Optional[Sequence[str]], target_column: Optional[str]
+) -> Tuple[str, List[str]]:
+    """(kind, columns) of the data for a model with this task: requested or guessed."""
+    if text_columns:
+        _missing(columns, text_columns, source, "--text-column (twice for sentence pairs)")
+    if task == Task.TOKEN_CLASSIFICATION:
+        return TOKENS, list(text_columns or [_guess(columns, _WORD_COLUMNS, source, "word list", "--text-column")])
+    if task == Task.QUESTION_ANSWERING:
+        fields = list(text_columns or [c for c in _QA_COLUMNS[:2] if c in columns]) + ["answers"]
+        _missing(columns, fields, source, "--text-column QUESTION --text-column CONTEXT (and an answers column)")
+        return QA, fields
+    if task == Task.SEQ2SEQ:
+        source_column = (text_columns or [_guess(columns, _SOURCE_COLUMNS, source, "source text", "--text-column")])[0]
+        if target_column:
+            _missing(columns, [target_column], source, "--target-column")
+        target = target_column or _guess(columns, _TARGET_COLUMNS, source, "target text", "--target-column")
+        return SEQ2SEQ, [source_column, target]
+    if text_columns:
+        return TEXT, list(text_columns)
+    if task == Task.CAUSAL_LM and "messages" in columns:
         return CHAT, ["messages"]
-    if chat_ok and "prompt" in columns and "completion" in columns:
+    if task == Task.CAUSAL_LM and "prompt" in columns and "completion" in columns:
         return COMPLETION, ["prompt", "completion"]
     for pair in _PAIR_COLUMNS:
         if all(column in columns for column in pair):
@@ -187,8 +228,12 @@ def _pick_columns(columns: Sequence[str], requested: Optional[Sequence[str]], so
 
 
 def _usable(kind: str, fields: Tuple[Any, ...]) -> bool:
-    if kind == TEXT:
+    if kind in (TEXT, SEQ2SEQ):
         return all(isinstance(text, str) and text.strip() for text in fields)
+    if kind == TOKENS:
+        return isinstance(fields[0], list) and len(fields[0]) > 0
+    if kind == QA:
+        return all(isinstance(text, str) and text.strip() for text in fields[:2]) and isinstance(fields[2], dict)
     return all(isinstance(part, (str, list)) and len(part) > 0 for part in fields)
 
 
@@ -197,28 +242,32 @@ def select_examples(
     *,
     samples: int,
     seed: int,
+    task: Task = Task.CLASSIFICATION,
     text_columns: Optional[Sequence[str]] = None,
     label_column: Optional[str] = None,
+    target_column: Optional[str] = None,
     needs_labels: bool = False,
-    chat_ok: bool = False,
 ) -> CalibrationData:
     """Shuffle with ``seed``, drop empty examples and take the first ``samples``; warn if fewer exist.
 
-    ``chat_ok`` (language models) lets ``messages`` and ``prompt``/``completion`` columns be recognised.
+    The columns depend on the model's ``task``: text (or pairs) and a label for sequence classifiers; text, chat
+    ``messages`` or ``prompt``/``completion`` for language models; a word list and per-word tags for token
+    classifiers; question, context and answers for QA; source and target text for sequence-to-sequence models.
     """
     rows = load_rows(source)
     columns = [c for c in rows.column_names if c != _ROW]
-    kind, text_cols = _pick_columns(columns, text_columns, source, chat_ok)
-    if kind == TEXT and chat_ok and len(text_cols) == 1 and len(rows) and isinstance(rows[0][text_cols[0]], list):
+    kind, text_cols = _pick_columns(columns, task, source, text_columns, target_column)
+    if kind == TEXT and task == Task.CAUSAL_LM and len(text_cols) == 1 and len(rows) and isinstance(rows[0][text_cols[0]], list):
         kind = CHAT  # --text-column named a column of chat turns
     label_col = None
     if needs_labels:
-        label_col = label_column or next((c for c in _LABEL_COLUMNS if c in columns), None)
+        candidates = _TAG_COLUMNS if task == Task.TOKEN_CLASSIFICATION else _LABEL_COLUMNS
+        label_col = label_column or next((c for c in candidates if c in columns), None)
         if label_col is None or label_col not in columns:
             raise CalibrationDataError(
-                f"Calibration data {source} has no label column {label_column or 'label'!r} "
-                f"(columns: {', '.join(columns)}). Pass --label-column NAME, or use --estimator expected/sampled, "
-                "which need no labels."
+                f"Calibration data {source} has no label column {label_column or candidates[0]!r} "
+                f"(columns: {', '.join(columns)}). Pass --label-column NAME, or use --estimator sampled, "
+                "which needs no labels."
             )
     available = len(rows)
     rows = rows.add_column(_ROW, list(range(available))).shuffle(seed=seed)
@@ -247,37 +296,46 @@ def select_examples(
     return CalibrationData(kind, examples, labels if label_col else None, numbers, description)
 
 
-def encode_labels(data: CalibrationData, config, *, source: str) -> torch.Tensor:
-    """Class ids (names mapped through ``config.label2id``), or floats for a regressor (``num_labels == 1``).
+def _class_id(label: Any, label2id: Dict[str, int], num_labels: int, where: str) -> int:
+    number = isinstance(label, (int, float)) and not isinstance(label, bool)
+    if isinstance(label, str):
+        if label not in label2id:
+            raise CalibrationDataError(f"{where}: label {label!r} is not in the model's label2id {sorted(label2id)}.")
+        label = label2id[label]
+    elif not number or not float(label).is_integer():
+        raise CalibrationDataError(
+            f"{where}: label {label!r} is not a class id; a classifier with num_labels={num_labels} needs integer "
+            f"labels 0..{num_labels - 1} or names from its label2id."
+        )
+    label = int(label)
+    if not 0 <= label < num_labels:
+        raise CalibrationDataError(f"{where}: label {label} is out of range for a model with num_labels={num_labels}.")
+    return label
+
+
+def encode_labels(data: CalibrationData, config, *, source: str) -> List[Any]:
+    """Each example's label: a class id (names mapped through ``config.label2id``), a float for a regressor
+    (``num_labels == 1``), or a list of class ids for a token classifier (one per word).
 
     Missing, non-integer and out-of-range labels are refused, naming the row.
     """
     label2id = {str(key): value for key, value in (config.label2id or {}).items()}
     values = []
-    for label, row in zip(data.labels, data.rows):
+    for label, row, fields in zip(data.labels, data.rows, data.examples):
         where = f"Calibration data {source}, row {row + 1}"
-        number = isinstance(label, (int, float)) and not isinstance(label, bool)
-        if config.num_labels == 1:
-            if not number or not math.isfinite(label):
+        if data.kind == TOKENS:
+            if not isinstance(label, list) or len(label) != len(fields[0]):
+                raise CalibrationDataError(
+                    f"{where}: expected one tag per word ({len(fields[0])} words), got {label!r}."
+                )
+            values.append([_class_id(tag, label2id, config.num_labels, where) for tag in label])
+        elif config.num_labels == 1:
+            if not isinstance(label, (int, float)) or isinstance(label, bool) or not math.isfinite(label):
                 raise CalibrationDataError(f"{where}: label {label!r} is not a number; this model is a regressor.")
             values.append(float(label))
-            continue
-        if isinstance(label, str):
-            if label not in label2id:
-                raise CalibrationDataError(f"{where}: label {label!r} is not in the model's label2id {sorted(label2id)}.")
-            label = label2id[label]
-        elif not number or not float(label).is_integer():
-            raise CalibrationDataError(
-                f"{where}: label {label!r} is not a class id; a classifier with num_labels={config.num_labels} needs "
-                f"integer labels 0..{config.num_labels - 1} or names from its label2id."
-            )
-        label = int(label)
-        if not 0 <= label < config.num_labels:
-            raise CalibrationDataError(
-                f"{where}: label {label} is out of range for a model with num_labels={config.num_labels}."
-            )
-        values.append(label)
-    return torch.tensor(values, dtype=torch.float32 if config.num_labels == 1 else torch.long)
+        else:
+            values.append(_class_id(label, label2id, config.num_labels, where))
+    return values
 
 
 def _chat_turns(messages: Any, where: str) -> List[Dict[str, str]]:
@@ -333,20 +391,47 @@ def _encode_spans(tokenizer, text: str, spans, max_length: int, *, special_token
 
 
 class CalibrationDataset(torch.utils.data.Dataset):
-    """Tokenized examples; ``collate`` pads on the right, which BERT's absolute positions require."""
+    """Tokenized examples; ``collate`` pads on the right, which BERT's absolute positions require.
 
-    def __init__(self, data: CalibrationData, tokenizer, *, max_length: int, labels: Optional[torch.Tensor], source: str):
+    Each example is a dict of model inputs plus what its loss needs: ``labels`` (a class id, a float, or per-token
+    tags with IGNORE elsewhere), ``loss_mask`` (chat/completion), ``start_positions``/``end_positions`` (QA) or
+    ``target_ids`` (sequence to sequence).
+    """
+
+    def __init__(
+        self, data: CalibrationData, tokenizer, *, max_length: int, labels: Optional[List[Any]], source: str
+    ):
         self.tokenizer = tokenizer
-        self.labels = labels
-        self.encodings = [
-            self._encode(data.kind, fields, max_length, f"Calibration data {source}, row {row + 1}")
-            for fields, row in zip(data.examples, data.rows)
-        ]
+        self.encodings = []
+        outside = 0
+        for index, (fields, row) in enumerate(zip(data.examples, data.rows)):
+            where = f"Calibration data {source}, row {row + 1}"
+            label = labels[index] if labels is not None else None
+            encoding = self._encode(data.kind, fields, label, max_length, where)
+            if encoding is None:
+                outside += 1
+                continue
+            if label is not None and data.kind != TOKENS:
+                encoding["labels"] = label
+            self.encodings.append(encoding)
+        if outside:
+            LOG.warning("Calibration data %s: dropped %d example(s) whose answer lies outside the first %d tokens.",
+                        source, outside, max_length)
+        if not self.encodings:
+            raise CalibrationDataError(f"Calibration data {source}: no example is left to calibrate on.")
 
-    def _encode(self, kind: str, fields, max_length: int, where: str) -> Dict[str, List[int]]:
+    def _encode(self, kind: str, fields, label, max_length: int, where: str) -> Optional[Dict[str, Any]]:
         tokenizer = self.tokenizer
         if kind == TEXT:
             return dict(tokenizer(*fields, truncation=True, max_length=max_length, return_attention_mask=True))
+        if kind == TOKENS:
+            return _encode_words(tokenizer, fields[0], label, max_length)
+        if kind == QA:
+            return _encode_question(tokenizer, *fields, max_length, where)
+        if kind == SEQ2SEQ:
+            encoding = dict(tokenizer(fields[0], truncation=True, max_length=max_length))
+            encoding[TARGETS] = tokenizer(text_target=fields[1], truncation=True, max_length=max_length)["input_ids"]
+            return encoding
         if kind == COMPLETION and all(isinstance(part, str) for part in fields):
             prompt, completion = fields
             spans = [(len(prompt), len(prompt) + len(completion))]
@@ -371,7 +456,7 @@ class CalibrationDataset(torch.utils.data.Dataset):
             mask = encoding.get("loss_mask") or encoding["attention_mask"]
             return len(encoding["input_ids"]) >= 2 and any(mask[1:])
 
-        keep = [i for i, encoding in enumerate(self.encodings) if scorable(encoding)]
+        keep = [encoding for encoding in self.encodings if scorable(encoding)]
         if not keep:
             raise CalibrationDataError(
                 f"Calibration data {source}: no example has a token to take the loss on (each is a single token, or "
@@ -383,33 +468,71 @@ class CalibrationDataset(torch.utils.data.Dataset):
                 "completion cut off by --max-length).",
                 source, len(self.encodings) - len(keep),
             )
-            self.encodings = [self.encodings[i] for i in keep]
-            if self.labels is not None:
-                self.labels = self.labels[keep]
+            self.encodings = keep
 
     def __len__(self) -> int:
         return len(self.encodings)
 
     def __getitem__(self, index: int) -> dict:
-        item = dict(self.encodings[index])
-        if self.labels is not None:
-            item["labels"] = self.labels[index]
-        return item
+        return self.encodings[index]
 
     def collate(self, items: List[dict]) -> Dict[str, torch.Tensor]:
-        features = [{k: v for k, v in item.items() if k not in ("labels", "loss_mask")} for item in items]
+        features = [{k: v for k, v in item.items() if k in _PADDED_BY_TOKENIZER} for item in items]
         batch = dict(self.tokenizer.pad(features, padding=True, return_tensors="pt"))
-        if "loss_mask" in items[0]:
-            length = batch["input_ids"].shape[1]
-            batch["loss_mask"] = torch.tensor([m["loss_mask"] + [0] * (length - len(m["loss_mask"])) for m in items])
-        if self.labels is not None:
-            batch["labels"] = torch.stack([item["labels"] for item in items])
+        length = batch["input_ids"].shape[1]
+        for key in set(items[0]) - _PADDED_BY_TOKENIZER:
+            values = [item[key] for item in items]
+            if not isinstance(values[0], list):  # one value per example: class id, float, span positions
+                batch[key] = torch.tensor(values)
+                continue
+            fill = 0 if key == "loss_mask" else IGNORE
+            width = max(map(len, values)) if key == TARGETS else length
+            batch[key] = torch.tensor([v + [fill] * (width - len(v)) for v in values])
         return batch
 
 
-def prepare_tokenizer(tokenizer):
-    """Right padding, and a pad token for decoder tokenizers that lack one (masked out via attention_mask)."""
+def _encode_words(tokenizer, words: List[str], tags: Optional[List[int]], max_length: int) -> Dict[str, Any]:
+    """A word list, with each word's tag on its first sub-token and IGNORE elsewhere (0 where no tags are given:
+    the sampled estimator only needs to know which tokens are scored)."""
+    encoding = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
+    labels, previous = [], None
+    for word in encoding.word_ids():
+        first = word is not None and word != previous
+        labels.append((tags[word] if tags is not None else 0) if first else IGNORE)
+        previous = word
+    encoding = dict(encoding)
+    encoding["labels"] = labels
+    return encoding
+
+
+def _encode_question(tokenizer, question: str, context: str, answers: Dict, max_length: int, where: str):
+    """SQuAD-style: the answer's first and last token in (question, context); None if the context window cut it off."""
+    texts, starts = answers.get("text"), answers.get("answer_start")
+    if not texts or not starts or not isinstance(texts[0], str) or not isinstance(starts[0], int):
+        raise CalibrationDataError(
+            f"{where}: answers must be {{text: [...], answer_start: [...]}} with at least one answer, got {answers!r}."
+        )
+    first, last = starts[0], starts[0] + len(texts[0])
+    if context[first:last] != texts[0]:
+        raise CalibrationDataError(f"{where}: the answer {texts[0]!r} is not at character {first} of the context.")
+    encoding = tokenizer(question, context, truncation="only_second", max_length=max_length, return_offsets_mapping=True)
+    offsets, sequence = encoding.pop("offset_mapping"), encoding.sequence_ids()
+    tokens = [i for i, part in enumerate(sequence) if part == 1]
+    start = next((i for i in tokens if offsets[i][0] <= first < offsets[i][1]), None)
+    end = next((i for i in reversed(tokens) if offsets[i][0] < last <= offsets[i][1]), None)
+    if start is None or end is None:
+        return None
+    encoding = dict(encoding)
+    encoding["start_positions"], encoding["end_positions"] = start, end
+    return encoding
+
+
+def prepare_tokenizer(tokenizer, pad_token_id: Optional[int] = None):
+    """Right padding, with the model's own pad token where its config names one (a decoder's sequence classifier
+    finds each example's last token by it), else the tokenizer's, else EOS (masked out via attention_mask)."""
     tokenizer.padding_side = "right"
+    if pad_token_id is not None and tokenizer.pad_token_id != pad_token_id and pad_token_id < len(tokenizer):
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(pad_token_id)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

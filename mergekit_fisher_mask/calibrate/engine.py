@@ -27,10 +27,20 @@ def check_estimator(estimator: Estimator, task: Task) -> None:
             f"The {estimator.value} estimator draws labels from a classifier's predicted distribution; this model is "
             "a regressor (num_labels=1). Use --estimator empirical or batch."
         )
+    if task == Task.QUESTION_ANSWERING and not estimator.uses_labels:
+        raise FisherMaskError(
+            f"The {estimator.value} estimator is not implemented for question answering (a distribution over every "
+            "start and end position). Use --estimator empirical or batch."
+        )
+    if estimator == Estimator.EXPECTED and task == Task.TOKEN_CLASSIFICATION:
+        raise FisherMaskError(
+            "The expected Fisher of a token classifier needs one backward pass per token and label. Use --estimator "
+            "sampled, which draws each token's label from the model and estimates the same Fisher without bias."
+        )
     if estimator == Estimator.EXPECTED and task != Task.CLASSIFICATION:
         raise FisherMaskError(
-            "The expected Fisher sums over every possible label; for a causal LM that is the whole vocabulary at "
-            "every position. Use --estimator sampled for language models."
+            "The expected Fisher sums over every possible label; for a language model that is the whole vocabulary "
+            "at every position. Use --estimator sampled for language models."
         )
 
 

@@ -15,29 +15,32 @@ from ..errors import FisherMaskError
 from ..settings import Estimator, MixedPrecision
 from ..tasks import Task, task_of
 from .engine import check_estimator, run_pass
-from .losses import Batch, LabelSampler, classifier_logits, per_example_losses
-from .masks import MaskNodes, layer_modules
+from .losses import IGNORE, TARGETS, Batch, LabelSampler, classifier_logits, per_example_losses
+from .masks import MaskNodes, all_layers
 from .placement import Placement, checkpointed, return_freed_weights_to_the_os
 
 ForwardFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
 
 
-class LayerSums:
-    """Running per-layer sums, each on the device its layer runs on; gathered to the CPU once, at the end."""
+class GroupSums:
+    """Running sums per node group and layer, each on the device its layer runs on; gathered to the CPU once."""
 
-    def __init__(self, layers: int, width: int):
-        self.width = width
-        self.values: List[Optional[torch.Tensor]] = [None] * layers
+    def __init__(self, shapes: Dict[str, Tuple[int, ...]]):
+        self.shapes = shapes  # group key -> (L, *width)
+        self.values: Dict[Tuple[str, int], torch.Tensor] = {}
 
-    def add(self, layer: int, value: torch.Tensor) -> None:
-        if self.values[layer] is None:
-            self.values[layer] = torch.zeros(self.width, dtype=torch.float64, device=value.device)
-        self.values[layer] += value.double()
+    def add(self, key: str, layer: int, value: torch.Tensor) -> None:
+        current = self.values.get((key, layer))
+        self.values[(key, layer)] = value.double() if current is None else current + value.double()
 
-    def gather(self) -> torch.Tensor:
-        """(L, K) float64 on the CPU; a layer no example reached is zero."""
-        rows = [torch.zeros(self.width, dtype=torch.float64) if v is None else v.cpu() for v in self.values]
-        return torch.stack(rows)
+    def gather(self) -> Dict[str, torch.Tensor]:
+        """Group key -> (L, *width) float64 on the CPU; a layer no example reached is zero."""
+        out = {}
+        for key, (layers, *width) in self.shapes.items():
+            rows = [self.values[(key, i)].cpu() if (key, i) in self.values else torch.zeros(width, dtype=torch.float64)
+                    for i in range(layers)]
+            out[key] = torch.stack(rows)
+        return out
 
 
 def auto_micro_batch_size(
@@ -52,58 +55,58 @@ def auto_micro_batch_size(
 
 
 def _micro_batches(batch: Batch, size: int):
-    """Split a right-padded batch into micro-batches, each trimmed to its longest example."""
+    """Split a right-padded batch into micro-batches, each trimmed to its longest example (and longest target)."""
     total = batch["input_ids"].shape[0]
     for start in range(0, total, size):
         part = {key: value[start : start + size] for key, value in batch.items()}
         length = int(part["attention_mask"].sum(dim=1).max())
-        yield {key: value[:, :length] if value.dim() == 2 else value for key, value in part.items()}
+        if TARGETS in part:
+            targets = part[TARGETS]
+            part[TARGETS] = targets[:, : int((targets != IGNORE).sum(dim=1).max())]
+        yield {key: value[:, :length] if value.dim() == 2 and key != TARGETS else value for key, value in part.items()}
 
 
 class _MaskStep:
-    """One batch of the mask pass: micro-batches, fresh masks, one backward each, per-layer sums."""
+    """One batch of the mask pass: micro-batches, fresh masks, one backward each, per-group sums."""
 
     def __init__(self, model, nodes: MaskNodes, task: Task, estimator: Estimator, forward_fn, seed: int, micro):
         self.model, self.nodes, self.task, self.estimator = model, nodes, task, estimator
         self.forward_fn, self.sampler, self.micro = forward_fn, LabelSampler(seed), micro
-        shape = nodes.shape
-        self.head = LayerSums(shape.num_layers, shape.num_heads)
-        self.ffn = LayerSums(shape.num_layers, shape.intermediate_size)
+        self.sums = GroupSums(nodes.shape.group_shapes())
 
     def __call__(self, batch: Batch) -> None:
         batch_size, length = batch["input_ids"].shape
-        layers = self.nodes.shape.num_layers
-        gradient_sums: Dict[int, torch.Tensor] = {}  # ``batch`` estimator: summed over the batch's micro-batches
+        gradient_sums: Dict[tuple, torch.Tensor] = {}  # ``batch`` estimator: summed over the batch's micro-batches
         for part in _micro_batches(batch, self.micro(length)):
             self.nodes.reset(part["input_ids"].shape[0])
-            for index, value in enumerate(self._contribution(part)):
+            for site, value in self._contribution(part):
                 if self.estimator == Estimator.BATCH:
-                    gradient_sums[index] = gradient_sums.get(index, 0) + value.double()
+                    gradient_sums[(site.key, site.layer)] = gradient_sums.get((site.key, site.layer), 0) + value.double()
                 else:
-                    (self.head if index < layers else self.ffn).add(index % layers, value)
-        for index, value in gradient_sums.items():  # square the gradient of the batch's mean loss
-            (self.head if index < layers else self.ffn).add(index % layers, (value / batch_size) ** 2)
+                    self.sums.add(site.key, site.layer, value)
+        for (key, layer), value in gradient_sums.items():  # square the gradient of the batch's mean loss
+            self.sums.add(key, layer, (value / batch_size) ** 2)
 
-    def _contribution(self, batch: Batch) -> Sequence[torch.Tensor]:
-        """Per mask (heads, then neurons, layer by layer): (K,) sums over the micro-batch of squared per-example
-        gradients, or of gradients for the ``batch`` estimator."""
+    def _contribution(self, batch: Batch) -> List[tuple]:
+        """(site, value) per mask: sums over the micro-batch of squared per-example gradients (or of gradients for
+        the ``batch`` estimator), shaped like one example's mask."""
         if self.estimator == Estimator.EXPECTED:
             log_probs = torch.log_softmax(classifier_logits(self.model, batch), dim=-1)  # (B, C)
-            masks = self.nodes.created()
+            sites, masks = zip(*self.nodes.created())
             probs = log_probs.exp().detach()
-            out = [torch.zeros(m.shape[1], device=m.device) for m in masks]
+            out = [torch.zeros(m.shape[1:], device=m.device) for m in masks]
             classes = log_probs.shape[-1]
             for c in range(classes):
                 grads = torch.autograd.grad(log_probs[:, c].sum(), masks, retain_graph=c < classes - 1)
                 for acc, grad in zip(out, grads):
-                    acc += probs[:, c].to(grad.device) @ grad.float() ** 2  # (B,) @ (B, K) -> (K,)
-            return out
+                    acc += torch.tensordot(probs[:, c].to(grad.device), grad.float() ** 2, dims=1)  # (B,) . (B, ...)
+            return list(zip(sites, out))
         losses = self._losses(batch)  # (B,)
-        masks = self.nodes.created()
-        grads = torch.autograd.grad(losses.sum(), masks)  # row n of each (B, K) gradient is dL_n/dm
+        sites, masks = zip(*self.nodes.created())
+        grads = torch.autograd.grad(losses.sum(), masks)  # row n of each (B, ...) gradient is dL_n/dm
         if self.estimator == Estimator.BATCH:
-            return [grad.float().sum(dim=0) for grad in grads]  # (K,)
-        return [(grad.float() ** 2).sum(dim=0) for grad in grads]  # (B, K) -> (K,)
+            return [(site, grad.float().sum(dim=0)) for site, grad in zip(sites, grads)]
+        return [(site, (grad.float() ** 2).sum(dim=0)) for site, grad in zip(sites, grads)]
 
     def _losses(self, batch: Batch) -> torch.Tensor:
         if self.forward_fn is not None:
@@ -125,7 +128,10 @@ def compute_mask_fisher(
     micro_batch_size: Optional[int] = None,
     activation_budget_bytes: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """Return ``(head_fisher (L, H), ffn_fisher (L, D), N)`` as float32 CPU tensors, summed over all processes.
+    """Return ``({group key: Fisher}, N)``: float32 CPU tensors, summed over all processes.
+
+    Group keys are the mask-Fisher file's tensor names (``head_fisher`` (L, H), ``ffn_fisher`` (L, D),
+    ``expert_fisher`` (L, E, I), ...; see :mod:`mergekit_fisher_mask.architectures`).
 
     Each batch runs as micro-batches of ``micro_batch_size`` examples (default: as many as fit
     ``activation_budget_bytes`` of saved activations, by default 1 GiB on a CPU), each trimmed to its own longest
@@ -155,14 +161,14 @@ def compute_mask_fisher(
 
     if placement.offloaded:
         return_freed_weights_to_the_os()
-    layers = layer_modules(model, spec)
+    layers = all_layers(model, spec)
     with MaskNodes(model, spec, shape) as nodes, checkpointed(layers, placement.checkpointing):
         step = _MaskStep(model, nodes, task, estimator, forward_fn, seed, micro)
         sums, count = run_pass(
             model,
             dataloader,
             step,
-            lambda: {"head": step.head.gather(), "ffn": step.ffn.gather()},
+            step.sums.gather,
             estimator=estimator,
             accelerator=accelerator,
             device=placement.input_device,
@@ -170,4 +176,4 @@ def compute_mask_fisher(
             progress=progress,
             mixed_precision=mixed_precision,
         )
-    return sums["head"].float(), sums["ffn"].float(), count
+    return {key: value.float() for key, value in sums.items()}, count

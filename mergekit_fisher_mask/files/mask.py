@@ -1,17 +1,22 @@
-"""The mask-Fisher file: a small safetensors file with ``head_fisher`` [L, H] and ``ffn_fisher`` [L, D].
+"""The mask-Fisher file: a small safetensors file with one float32 tensor per node group.
 
-Its string metadata carries everything a merge needs to use it, and to refuse it for the wrong model:
+Single-stack models store ``head_fisher`` [L, H] and ``ffn_fisher`` [L, D]; mixtures of experts ``expert_fisher``
+[L, E, I] (and ``ffn_fisher`` for a shared expert); encoder-decoder models ``encoder_head_fisher``,
+``encoder_ffn_fisher``, ``decoder_head_fisher``, ``decoder_cross_head_fisher`` and ``decoder_ffn_fisher`` (see
+:mod:`mergekit_fisher_mask.architectures`). Its string metadata carries everything a merge needs to use it, and to
+refuse it for the wrong model:
 
 ==================  ==========================================================
 ``format``          ``mergekit-fisher-mask/mask``
-``format_version``  ``1``
+``format_version``  ``2`` (version 1, head and FFN groups only, is still read)
 ``model_type``      HF ``model_type`` of the measured model
-``num_layers``, ``num_heads``, ``num_kv_heads``, ``head_dim``, ``intermediate_size``, ``hidden_size``
+``num_layers``, ``num_heads``, ``num_kv_heads``, ``head_dim``, ``intermediate_size``, ``hidden_size``,
+``num_experts``, ``expert_size``, ``num_decoder_layers`` (the last three are 0 where they do not apply)
 ``fingerprint``     :func:`mergekit_fisher_mask.checkpoints.model_fingerprint` of the measured weights
 ``model``           the model reference as given by the user
 ``samples``         number of calibration examples N
 ``estimator``       ``empirical`` | ``expected`` | ``sampled`` | ``batch``
-``loss``            ``cross_entropy`` | ``mse`` | ``causal_lm``
+``loss``            ``cross_entropy`` | ``mse`` | ``causal_lm`` | ``token_cross_entropy`` | ``span`` | ``seq2seq``
 ``dtype``           the dtype the weights were loaded in (``float32`` for files written before it was recorded)
 ``data``            JSON description of the calibration data and settings
 ==================  ==========================================================
@@ -23,35 +28,51 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..architectures import NodeShape
-from ..errors import FisherFileError
+from ..errors import FisherFileError, UnsupportedArchitectureError
 from ..outputs import staged_file
 
 FORMAT = "mergekit-fisher-mask/mask"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 _SHAPE_KEYS = ("num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "hidden_size")
+_NEW_SHAPE_KEYS = ("num_experts", "expert_size", "num_decoder_layers")  # version 2; 0 in version-1 files
 
 
 @dataclass(frozen=True)
 class MaskFisher:
-    """Per-node Fisher of one model plus the provenance needed to trust it."""
+    """Per-node Fisher of one model plus the provenance needed to trust it.
 
-    head: torch.Tensor  # (L, H) float32
-    ffn: torch.Tensor  # (L, D) float32
-    shape: NodeShape
-    fingerprint: str
-    samples: int
-    estimator: str
-    loss: str
+    ``groups`` maps each node group's file key to its Fisher; ``head`` and ``ffn`` may be given instead for the
+    common single-stack case and are kept as aliases of ``head_fisher`` and ``ffn_fisher``.
+    """
+
+    head: Optional[torch.Tensor] = None  # (L, H) float32
+    ffn: Optional[torch.Tensor] = None  # (L, D) float32
+    shape: Optional[NodeShape] = None
+    fingerprint: str = ""
+    samples: int = 0
+    estimator: str = ""
+    loss: str = ""
     model: str = ""
     data: Dict = field(default_factory=dict)
     dtype: str = "float32"
+    groups: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __post_init__(self):
+        groups = dict(self.groups)
+        for key, value in (("head_fisher", self.head), ("ffn_fisher", self.ffn)):
+            if value is not None:
+                groups[key] = value
+        object.__setattr__(self, "groups", groups)
+        object.__setattr__(self, "head", groups.get("head_fisher"))
+        object.__setattr__(self, "ffn", groups.get("ffn_fisher"))
 
     def metadata(self) -> Dict[str, str]:
         meta = {
@@ -66,7 +87,7 @@ class MaskFisher:
             "dtype": self.dtype,
             "data": json.dumps(self.data, sort_keys=True),
         }
-        meta.update({key: str(getattr(self.shape, key)) for key in _SHAPE_KEYS})
+        meta.update({key: str(getattr(self.shape, key)) for key in _SHAPE_KEYS + _NEW_SHAPE_KEYS})
         return meta
 
 
@@ -75,8 +96,8 @@ def save_mask_fisher(fisher: MaskFisher, path: Union[str, os.PathLike]) -> Path:
 
     The caller decides whether ``path`` may be replaced (see :func:`mergekit_fisher_mask.outputs.check_replaceable`).
     """
-    _check_tensors(fisher.head, fisher.ffn, fisher.shape, where=str(path))
-    tensors = {"head_fisher": fisher.head.float().contiguous(), "ffn_fisher": fisher.ffn.float().contiguous()}
+    _check_tensors(fisher.groups, fisher.shape, where=str(path))
+    tensors = {key: value.float().contiguous() for key, value in fisher.groups.items()}
     with staged_file(path) as staging:
         save_file(tensors, str(staging), metadata=fisher.metadata())
     return Path(path)
@@ -99,33 +120,30 @@ def load_mask_fisher(path: Union[str, os.PathLike]) -> MaskFisher:
     try:
         with safe_open(where, framework="pt") as handle:
             meta = handle.metadata() or {}
-            keys = set(handle.keys())
             if meta.get("format") != FORMAT:
                 raise FisherFileError(
                     f"{where} is not a mask-Fisher file (metadata format={meta.get('format')!r}, "
                     f"expected {FORMAT!r}). Create one with `mergekit-fisher calibrate`."
                 )
-            if keys != {"head_fisher", "ffn_fisher"}:
-                raise FisherFileError(f"{where} holds tensors {sorted(keys)}; expected head_fisher and ffn_fisher.")
-            head = handle.get_tensor("head_fisher")
-            ffn = handle.get_tensor("ffn_fisher")
+            groups = {key: handle.get_tensor(key).float() for key in handle.keys()}
     except SafetensorError as error:
         raise FisherFileError(f"{where} is not a readable safetensors file ({error}).") from error
-    if int(meta.get("format_version", -1)) != FORMAT_VERSION:
+    if meta.get("format_version") not in {str(v) for v in READABLE_VERSIONS}:
         raise FisherFileError(
             f"{where} has format_version {meta.get('format_version')}; this version of mergekit-fisher-mask "
-            f"reads version {FORMAT_VERSION}. Re-run calibration."
+            f"reads versions {', '.join(map(str, READABLE_VERSIONS))}. Re-run calibration."
         )
     try:
-        shape = NodeShape(model_type=meta["model_type"], **{key: int(meta[key]) for key in _SHAPE_KEYS})
+        sizes = {key: int(meta[key]) for key in _SHAPE_KEYS}
+        sizes.update({key: int(meta.get(key, 0)) for key in _NEW_SHAPE_KEYS})
+        shape = NodeShape(model_type=meta["model_type"], **sizes)
         samples = int(meta["samples"])
         data = json.loads(meta.get("data", "{}"))
     except (KeyError, ValueError) as error:
         raise FisherFileError(f"{where} has incomplete or malformed metadata ({error!r}).") from error
-    _check_tensors(head, ffn, shape, where=where)
+    _check_tensors(groups, shape, where=where)
     return MaskFisher(
-        head=head.float(),
-        ffn=ffn.float(),
+        groups=groups,
         shape=shape,
         fingerprint=meta.get("fingerprint", ""),
         samples=samples,
@@ -137,12 +155,19 @@ def load_mask_fisher(path: Union[str, os.PathLike]) -> MaskFisher:
     )
 
 
-def _check_tensors(head: torch.Tensor, ffn: torch.Tensor, shape: NodeShape, *, where: str) -> None:
-    expected_head = (shape.num_layers, shape.num_heads)
-    expected_ffn = (shape.num_layers, shape.intermediate_size)
-    for name, tensor, expected in (("head_fisher", head, expected_head), ("ffn_fisher", ffn, expected_ffn)):
-        if tuple(tensor.shape) != expected:
-            raise FisherFileError(f"{where}: {name} has shape {tuple(tensor.shape)}, expected {expected}.")
+def _check_tensors(groups: Dict[str, torch.Tensor], shape: NodeShape, *, where: str) -> None:
+    try:
+        expected = shape.group_shapes()
+    except UnsupportedArchitectureError as error:
+        raise FisherFileError(f"{where}: {error}") from None
+    if set(groups) != set(expected):
+        raise FisherFileError(
+            f"{where} holds tensors {', '.join(sorted(groups))}; a {shape.model_type} model's file holds "
+            f"{', '.join(sorted(expected))}."
+        )
+    for name, tensor in groups.items():
+        if tuple(tensor.shape) != expected[name]:
+            raise FisherFileError(f"{where}: {name} has shape {tuple(tensor.shape)}, expected {expected[name]}.")
         if not torch.isfinite(tensor).all():
             bad = (~torch.isfinite(tensor)).nonzero()[0].tolist()
             raise FisherFileError(
@@ -158,7 +183,7 @@ def check_matches_model(fisher: MaskFisher, shape: NodeShape, fingerprint: str |
     if fisher.shape != shape:
         diffs = [
             f"{key}: file {getattr(fisher.shape, key)} vs model {getattr(shape, key)}"
-            for key in ("model_type",) + _SHAPE_KEYS
+            for key in ("model_type",) + _SHAPE_KEYS + _NEW_SHAPE_KEYS
             if getattr(fisher.shape, key) != getattr(shape, key)
         ]
         raise FisherFileError(f"{where} was measured on a model of another architecture or shape ({'; '.join(diffs)}).")

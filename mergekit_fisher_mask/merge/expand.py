@@ -1,18 +1,18 @@
-"""Expand a model's per-head and per-neuron Fisher into a merge weight shaped for one tensor.
+"""Expand a model's node Fisher into a merge weight shaped for one tensor.
 
-The result broadcasts against the tensor (a ``[n, 1]`` column, a ``[n]`` row, or a scalar), so the merge never
-materialises a full-size weight. ``None`` means no node covers the tensor.
+The result broadcasts against the tensor (a ``[n, 1]`` column, a ``[n]`` row, ``[E, n, 1]`` for experts, or a
+scalar), so the merge never materialises a full-size weight. ``None`` means no node covers the tensor.
 """
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Optional, Tuple, Union
+from typing import Dict, Optional, Union
 
 import torch
 
-from ..architectures import Role, TensorRule
+from ..architectures import Kind, Role, Stack, TensorRule
 from ..errors import FisherFileError
 from ..files import MaskFisher
 
@@ -26,49 +26,59 @@ class Scheme(str, enum.Enum):
 
 class Normalize(str, enum.Enum):
     NONE = "none"  # raw Fisher, as in the paper
-    MODEL = "model"  # head and neuron Fisher each scaled to mean 1 over the model
-    LAYER = "layer"  # within every layer, head and neuron Fisher each scaled to mean 1
+    MODEL = "model"  # each node group scaled to mean 1 over the model
+    LAYER = "layer"  # within every layer, each node group scaled to mean 1
+
+
+def normalized(values: torch.Tensor, normalize: Normalize) -> torch.Tensor:
+    """Node Fisher (L, ...) scaled as ``normalize`` says; an all-zero model or layer stays zero."""
+    if Normalize(normalize) == Normalize.NONE:
+        return values
+    dims = tuple(range(values.dim())) if Normalize(normalize) == Normalize.MODEL else tuple(range(1, values.dim()))
+    mean = values.mean(dim=dims, keepdim=True)
+    return torch.where(mean > 0, values / mean.clamp_min(torch.finfo(values.dtype).tiny), values)
 
 
 @dataclass(frozen=True)
 class NodeWeights:
-    """A model's normalized node Fisher, ready to expand."""
+    """A model's normalized node Fisher, ready to expand: one tensor per group key (``head_fisher``, ...)."""
 
-    head: torch.Tensor  # (L, H)
-    ffn: torch.Tensor  # (L, D)
+    groups: Dict[str, torch.Tensor]
     num_kv_heads: int
     head_dim: int
 
     @classmethod
     def from_fisher(cls, fisher: MaskFisher, normalize: Normalize) -> "NodeWeights":
         return cls(
-            head=normalized(fisher.head, normalize),
-            ffn=normalized(fisher.ffn, normalize),
+            groups={key: normalized(values, normalize) for key, values in fisher.groups.items()},
             num_kv_heads=fisher.shape.num_kv_heads,
             head_dim=fisher.shape.head_dim,
         )
 
-    def kv_head(self, layer: int) -> torch.Tensor:
-        """GQA: a key/value head's Fisher is the sum over the query heads that read it."""
-        heads = self.head[layer]  # (H,)
-        return heads.view(self.num_kv_heads, -1).sum(dim=1)  # (KV, H / KV) -> (KV,)
+    @property
+    def head(self) -> Optional[torch.Tensor]:
+        return self.groups.get("head_fisher")
 
     def model_mean(self) -> float:
-        """Mean over all nodes of the model, heads and neurons together."""
-        return float(torch.cat([self.head.flatten(), self.ffn.flatten()]).mean())
+        """Mean over all nodes of the model, every group together."""
+        return float(torch.cat([values.flatten() for values in self.groups.values()]).mean())
 
+    def layer(self, stack: Stack, group: str, layer: int, *, name: str) -> torch.Tensor:
+        values = self.groups.get(stack.key(group))
+        if values is None:
+            raise FisherFileError(f"Tensor {name}: the Fisher file has no {stack.key(group)} group.")
+        if layer >= values.shape[0]:
+            raise FisherFileError(f"Tensor {name}: layer {layer} is outside the Fisher file's {values.shape[0]} layers.")
+        return values[layer]
 
-def normalized(values: torch.Tensor, normalize: Normalize) -> torch.Tensor:
-    """Node Fisher (L, K) scaled as ``normalize`` says; an all-zero model or layer stays zero."""
-    if Normalize(normalize) == Normalize.NONE:
-        return values
-    dims: Tuple[int, ...] = (0, 1) if normalize == Normalize.MODEL else (1,)
-    mean = values.mean(dim=dims, keepdim=True)
-    return torch.where(mean > 0, values / mean.clamp_min(torch.finfo(values.dtype).tiny), values)
+    def kv_heads(self, heads: torch.Tensor) -> torch.Tensor:
+        """GQA: a key/value head's Fisher is the sum over the query heads that read it."""
+        return heads.view(self.num_kv_heads, -1).sum(dim=1)  # (KV, H / KV) -> (KV,)
 
 
 def tensor_weight(
     nodes: NodeWeights,
+    stack: Optional[Stack],
     rule: Optional[TensorRule],
     layer: Optional[int],
     tensor: torch.Tensor,
@@ -76,49 +86,68 @@ def tensor_weight(
     *,
     name: str,
 ) -> Optional[Weight]:
-    """The weight for ``tensor`` (named ``name``): a broadcastable vector, a scalar, or None if uncovered."""
-    if rule is None:
+    """The weight for ``tensor`` (named ``name``): a broadcastable tensor, a scalar, or None if uncovered."""
+    if rule is None or rule.role == Role.ROUTER:
         return None
-    role = rule.role
+    role, paper = rule.role, scheme == Scheme.PAPER
     if role == Role.EMBEDDING:
-        return nodes.model_mean() if scheme == Scheme.PAPER else None
-    if layer is None or layer >= nodes.head.shape[0]:
-        raise FisherFileError(f"Tensor {name}: layer {layer} is outside the Fisher file's {nodes.head.shape[0]} layers.")
-    heads, neurons = nodes.head[layer], nodes.ffn[layer]  # (H,), (D,)
-    paper = scheme == Scheme.PAPER
-    per_node = {
-        Role.Q: heads,
-        Role.K: nodes.kv_head(layer),
-        Role.V: nodes.kv_head(layer),
-        Role.O: heads,
-        Role.UP: neurons,
-        Role.DOWN: neurons,
-    }
-    if paper and role in (Role.V, Role.O, Role.O_BIAS, Role.ATTN_NORM):
-        return float(heads.mean())
-    if paper and role in (Role.DOWN, Role.DOWN_BIAS, Role.FFN_NORM):
-        return float(neurons.mean())
+        return nodes.model_mean() if paper else None
+    if stack is None or layer is None:
+        raise FisherFileError(f"Tensor {name}: a layer tensor outside every layer stack.")
+    group = rule.group_name
     if role in (Role.O_BIAS, Role.ATTN_NORM, Role.DOWN_BIAS, Role.FFN_NORM):
-        return None  # no node scales these under the "nodes" scheme
-    if role == Role.QKV:
-        kv = nodes.kv_head(layer)
-        value = torch.full_like(kv, float(heads.mean())) if paper else kv
-        node_values = torch.cat([heads, kv, value])  # fused [q | k | v]
-    else:
-        node_values = per_node[role]
-    block = 1 if role in (Role.UP, Role.DOWN) else nodes.head_dim  # a head owns head_dim rows/columns
+        if not paper:
+            return None  # no node scales these under the "nodes" scheme
+        if role in (Role.DOWN_BIAS, Role.FFN_NORM) and stack.key(group) not in nodes.groups:
+            group = "expert"  # a mixture's FFN block is its experts
+        return float(nodes.layer(stack, group, layer, name=name).mean())
+    values = nodes.layer(stack, group, layer, name=name)  # (H,), (D,) or (E, I)
+    if role.kind == Kind.EXPERTS:
+        if role == Role.EXPERT_DOWN:
+            expanded = torch.full_like(values, float(values.mean())) if paper else values  # (E, I)
+        else:
+            expanded = torch.cat([values, values], dim=1)  # (E, 2I): [gate | up] rows of each expert
+        return _along_axis(expanded.flatten(), 1, tensor, rule.axis, name=name, experts=values.shape[0])
+    if role.kind == Kind.NEURONS:
+        if role == Role.DOWN and paper:
+            return float(values.mean())
+        node_values = torch.cat([values, values]) if role == Role.UP_PAIR else values
+        return _along_axis(node_values, 1, tensor, rule.axis, name=name)
+    mean = torch.full_like(values, float(values.mean()))
+    if role in (Role.V, Role.O) and paper:
+        return float(values.mean())
+    kv = nodes.kv_heads(values)
+    node_values = {
+        Role.Q: values,
+        Role.O: values,
+        Role.HEADWISE: values,
+        Role.K: kv,
+        Role.V: kv,
+        Role.QKV: torch.cat([values, kv, torch.full_like(kv, float(values.mean())) if paper else kv]),  # [q | k | v]
+        Role.QKV_PER_HEAD: torch.stack([values, values, mean if paper else values], dim=1).flatten(),  # (H, 3) per head
+    }[role]
+    block = 1 if role == Role.HEADWISE else nodes.head_dim  # a head owns head_dim rows/columns
     return _along_axis(node_values, block, tensor, rule.axis, name=name)
 
 
-def _along_axis(node_values: torch.Tensor, block: int, tensor: torch.Tensor, axis: int, *, name: str) -> torch.Tensor:
-    """Repeat each node's value over the ``block`` rows/columns it owns, shaped to broadcast along ``axis``."""
-    expected = node_values.numel() * block
-    if axis >= tensor.ndim or tensor.shape[axis] != expected:
+def _along_axis(
+    node_values: torch.Tensor, block: int, tensor: torch.Tensor, axis: int, *, name: str, experts: int = 0
+) -> torch.Tensor:
+    """Repeat each node's value over the ``block`` entries it owns, shaped to broadcast along ``axis``.
+
+    With ``experts``, ``node_values`` holds each expert's values in turn and axis 0 of the tensor is the expert.
+    """
+    per_expert = node_values.numel() // experts if experts else node_values.numel()
+    expected = per_expert * block
+    if axis >= tensor.ndim or tensor.shape[axis] != expected or (experts and tensor.shape[0] != experts):
         raise FisherFileError(
             f"Tensor {name} has shape {tuple(tensor.shape)}; the Fisher file's nodes expect {expected} entries "
-            f"along axis {axis}. The Fisher file was measured on a differently shaped model."
+            f"along axis {axis}{f' for each of {experts} experts' if experts else ''}. The Fisher file was measured "
+            "on a differently shaped model."
         )
-    expanded = node_values.repeat_interleave(block)  # (n,)
+    expanded = node_values.repeat_interleave(block)  # (n,) or (E * n,)
     shape = [1] * tensor.ndim
     shape[axis] = expected
-    return expanded.view(shape)  # (n, 1) for rows, (n,) for columns
+    if experts:
+        shape[0] = experts
+    return expanded.view(shape)  # (n, 1) for rows, (n,) for columns, (E, n, 1) / (E, 1, n) for experts

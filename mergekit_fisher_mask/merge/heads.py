@@ -11,7 +11,7 @@ import contextlib
 import json
 import os
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 from mergekit.architecture.base import ModuleArchitecture, ModuleDefinition
 from safetensors import safe_open
@@ -26,6 +26,16 @@ INDEX = "model.safetensors.index.json"
 def task_head_tensors(spec: ArchitectureSpec, model_dir: Path) -> Dict[str, Tuple[int, ...]]:
     """Names and shapes of a checkpoint's task-head tensors (read from safetensors headers only)."""
     return {name: shape for name, _, shape, _, _ in iter_tensor_headers(Path(model_dir)) if spec.is_task_head(name)}
+
+
+def planned_names(merge_config, options, config) -> Set[str]:
+    """Every tensor name mergekit's plan for this recipe writes or reads (names, aliases and tied names)."""
+    from mergekit.architecture import get_architecture_info
+
+    names: Set[str] = set()
+    for weight in get_architecture_info(merge_config, options).all_weights(config):
+        names.update([weight.name, *(weight.aliases or ()), *(weight.tied_names or ())])
+    return names
 
 
 class _WithoutWeights(ModuleArchitecture):

@@ -104,8 +104,11 @@ def fisher_mask_merge(
     spec = loaded[0][1]
     if any(other.name != spec.name for _, other in loaded):
         raise FisherMaskError(f"fisher_mask: Fisher files of different architectures for {name}.")
-    layer, rule = spec.layer_and_rule(name)
-    node_fisher = [tensor_weight(nodes, rule, layer, entry.tensor, scheme, name=name) for (nodes, _), entry in zip(loaded, members)]
+    stack, layer, rule = spec.locate(name)
+    node_fisher = [
+        tensor_weight(nodes, stack, rule, layer, entry.tensor, scheme, name=name)
+        for (nodes, _), entry in zip(loaded, members)
+    ]
     if node_fisher[0] is None:
         if uncovered == Uncovered.BASE:
             if group.base is None:
