@@ -143,7 +143,7 @@ def load_mask_fisher(path: Union[str, os.PathLike]) -> MaskFisher:
         raise FisherFileError(f"{where} has incomplete or malformed metadata ({error!r}).") from error
     _check_tensors(groups, shape, where=where)
     return MaskFisher(
-        groups=groups,
+        groups={key: groups[key] for key in shape.group_shapes()},  # in the table's order, not the file's
         shape=shape,
         fingerprint=meta.get("fingerprint", ""),
         samples=samples,
