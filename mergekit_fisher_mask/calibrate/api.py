@@ -22,7 +22,7 @@ from ..settings import CalibrationSettings, make_settings
 from ..tasks import Task, task_of
 from .data import CalibrationDataset, encode_labels, prepare_tokenizer, select_examples
 from .engine import check_estimator
-from .full_pass import compute_full_fisher
+from .full_pass import check_full_supported, compute_full_fisher
 from .mask_pass import compute_mask_fisher
 from .placement import load_model
 
@@ -150,6 +150,8 @@ def prepare_calibration(
 def _checked_run(model, data, out, settings: SettingsLike, accelerator, *, overwrite: bool, full: bool, **options):
     """Validate the settings and the output path (before any work), prepare the run, and clean up after it."""
     settings = _settings(settings)
+    if full:
+        check_full_supported(load_config(resolve_model_dir(str(model))))
     if full and settings.device_map:
         raise SettingsError(
             "The full Fisher needs the whole model on one device (a per-example gradient of every parameter), so it "

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
+from ..architectures import Kind, get_architecture
 from ..errors import FisherMaskError
 from ..settings import Estimator, MixedPrecision
 from ..tasks import Task, task_of
@@ -116,6 +117,22 @@ class _FullStep:
             self.sums[name] += g.float() ** 2
 
 
+_FULL_TASKS = (Task.CLASSIFICATION, Task.REGRESSION, Task.CAUSAL_LM)
+
+
+def check_full_supported(config) -> None:
+    """The full pass vectorises one example's loss through functional_call: sequence classifiers and causal LMs of
+    single-stack, dense families. Refuse the rest with a clear error."""
+    spec = get_architecture(config.model_type)
+    task = task_of(config)
+    experts = any(site.kind == Kind.EXPERTS for stack in spec.stacks for site in stack.sites.values())
+    if task not in _FULL_TASKS or len(spec.stacks) > 1 or experts:
+        raise FisherMaskError(
+            f"The full Fisher (--full) supports sequence classifiers and causal LMs of dense single-stack models; this "
+            f"is a {spec.name} {task.value} model. Calibrate its mask Fisher (method fisher_mask) instead."
+        )
+
+
 def compute_full_fisher(
     model,
     dataloader,
@@ -138,6 +155,7 @@ def compute_full_fisher(
         )
     task = task_of(model.config)
     check_estimator(estimator, task)
+    check_full_supported(model.config)
     device = accelerator.device if accelerator is not None else next(model.parameters()).device
     step = _FullStep(model, task, estimator, chunk_size, seed)
     sums, count = run_pass(
