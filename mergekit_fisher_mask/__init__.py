@@ -30,8 +30,18 @@ from .errors import (
     UnsupportedArchitectureError,
 )
 from .files import FullFisherReader, MaskFisher, load_mask_fisher, save_mask_fisher
-from .merge import FISHER, FISHER_MASK, Normalize, Scheme, Uncovered, fisher_mask_merge, fisher_merge, register
-from .settings import CalibrationSettings, Estimator, LoadDtype, MixedPrecision
+from .merge import (
+    FISHER,
+    FISHER_MASK,
+    Normalize,
+    Scheme,
+    Sparsify,
+    Uncovered,
+    fisher_mask_merge,
+    fisher_merge,
+    register,
+)
+from .settings import Aggregate, CalibrationSettings, Estimator, LoadDtype, MixedPrecision
 from .tasks import Loss, Task
 
 __version__ = "0.2.0"
@@ -40,6 +50,7 @@ register()
 
 __all__ = [
     "ARCHITECTURES",
+    "Aggregate",
     "CalibrationDataError",
     "CalibrationSettings",
     "Estimator",
@@ -60,6 +71,7 @@ __all__ = [
     "RecipeError",
     "Scheme",
     "SettingsError",
+    "Sparsify",
     "Task",
     "Uncovered",
     "UnsupportedArchitectureError",

@@ -41,6 +41,13 @@ class Estimator(str, enum.Enum):
         return self in (Estimator.EMPIRICAL, Estimator.BATCH)
 
 
+class Aggregate(str, enum.Enum):
+    """How per-example squared gradients are combined into the Fisher."""
+
+    MEAN = "mean"  # (1/N) sum_n g_n^2: the Fisher
+    NORMALIZED = "normalized"  # (1/N) sum_n g_n^2 / sum(g_n^2): every example weighs the same, outliers cannot dominate
+
+
 class MixedPrecision(str, enum.Enum):
     NO = "no"
     BF16 = "bf16"
@@ -85,6 +92,11 @@ class CalibrationSettings(BaseModel):
         256, description="Truncate examples to this many tokens (capped at the model's position limit)."
     )
     estimator: Estimator = Field(Estimator.EMPIRICAL, description="How the Fisher is estimated.")
+    aggregate: Aggregate = Field(
+        Aggregate.MEAN,
+        description="mean: the Fisher; normalized: each example's squared gradients scaled to sum 1 first (robust to "
+        "a few badly fitted examples; empirical and sampled estimators).",
+    )
     seed: Annotated[StrictInt, Field(ge=0)] = Field(0, description="Seed for shuffling the data and for sampled labels.")
     text_columns: Optional[Tuple[str, ...]] = Field(
         None,
@@ -151,6 +163,12 @@ class CalibrationSettings(BaseModel):
         if not os.path.isfile(value):
             raise ValueError(f"device-map file {value} does not exist")
         return value
+
+    @model_validator(mode="after")
+    def _aggregate_needs_per_example_gradients(self):
+        if self.aggregate == Aggregate.NORMALIZED and self.estimator not in (Estimator.EMPIRICAL, Estimator.SAMPLED):
+            raise ValueError("aggregate normalized needs per-example gradients: use estimator empirical or sampled")
+        return self
 
     @model_validator(mode="after")
     def _placement_needs_device_map(self):

@@ -207,6 +207,7 @@ def calibrate(
             progress=progress,
             mixed_precision=run.settings.mixed_precision,
             micro_batch_size=run.settings.micro_batch_size,
+            aggregate=run.settings.aggregate,
         )
     fisher = MaskFisher(groups=groups, shape=NodeShape.from_config(run.model.config), **_provenance(run, model, count))
     if run.accelerator.is_main_process:

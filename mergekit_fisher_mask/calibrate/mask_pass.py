@@ -6,13 +6,13 @@ activation-only backward per batch. Estimators: see :class:`mergekit_fisher_mask
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from ..architectures import NodeShape, get_architecture
 from ..errors import FisherMaskError
-from ..settings import Estimator, MixedPrecision
+from ..settings import Aggregate, Estimator, MixedPrecision
 from ..tasks import Task, task_of
 from .engine import check_estimator, run_pass
 from .losses import IGNORE, TARGETS, Batch, LabelSampler, classifier_logits, per_example_losses
@@ -49,8 +49,10 @@ def auto_micro_batch_size(
     """Examples per backward pass so that saved activations stay near ``budget_bytes`` (a rough estimate)."""
     # Per token, backward keeps roughly six hidden-sized and four FFN-sized activations of every layer; under
     # checkpointing only each layer's input, plus one layer's activations while it is recomputed.
-    layer = 6 * shape.hidden_size + 4 * shape.intermediate_size
-    per_layer_total = shape.num_layers * shape.hidden_size + layer if checkpointing else shape.num_layers * layer
+    ffn = shape.intermediate_size + 2 * shape.expert_size  # a mixture: about two routed experts per token
+    layers = shape.num_layers + shape.num_decoder_layers
+    layer = 6 * shape.hidden_size + 4 * ffn
+    per_layer_total = layers * shape.hidden_size + layer if checkpointing else layers * layer
     return max(1, budget_bytes // (per_layer_total * dtype_bytes * max(length, 1)))
 
 
@@ -69,8 +71,9 @@ def _micro_batches(batch: Batch, size: int):
 class _MaskStep:
     """One batch of the mask pass: micro-batches, fresh masks, one backward each, per-group sums."""
 
-    def __init__(self, model, nodes: MaskNodes, task: Task, estimator: Estimator, forward_fn, seed: int, micro):
-        self.model, self.nodes, self.task, self.estimator = model, nodes, task, estimator
+    def __init__(self, model, nodes: MaskNodes, task: Task, estimator: Estimator, forward_fn, seed: int, micro,
+                 aggregate: Aggregate = Aggregate.MEAN):
+        self.model, self.nodes, self.task, self.estimator, self.aggregate = model, nodes, task, estimator, aggregate
         self.forward_fn, self.sampler, self.micro = forward_fn, LabelSampler(seed), micro
         self.sums = GroupSums(nodes.shape.group_shapes())
 
@@ -106,7 +109,12 @@ class _MaskStep:
         grads = torch.autograd.grad(losses.sum(), masks)  # row n of each (B, ...) gradient is dL_n/dm
         if self.estimator == Estimator.BATCH:
             return [(site, grad.float().sum(dim=0)) for site, grad in zip(sites, grads)]
-        return [(site, (grad.float() ** 2).sum(dim=0)) for site, grad in zip(sites, grads)]
+        squares = [grad.float() ** 2 for grad in grads]  # (B, ...) per site
+        if self.aggregate == Aggregate.NORMALIZED:  # each example's squared gradients sum to 1 over the model
+            totals = sum(s.flatten(1).sum(dim=1).double().cpu() for s in squares)  # (B,)
+            scale = 1 / totals.clamp_min(torch.finfo(torch.float64).tiny)
+            squares = [s * scale.to(s.device, s.dtype).view(-1, *([1] * (s.dim() - 1))) for s in squares]
+        return [(site, s.sum(dim=0)) for site, s in zip(sites, squares)]
 
     def _losses(self, batch: Batch) -> torch.Tensor:
         if self.forward_fn is not None:
@@ -127,7 +135,8 @@ def compute_mask_fisher(
     mixed_precision=MixedPrecision.NO,
     micro_batch_size: Optional[int] = None,
     activation_budget_bytes: Optional[int] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    aggregate=Aggregate.MEAN,
+) -> Tuple[Dict[str, torch.Tensor], int]:
     """Return ``({group key: Fisher}, N)``: float32 CPU tensors, summed over all processes.
 
     Group keys are the mask-Fisher file's tensor names (``head_fisher`` (L, H), ``ffn_fisher`` (L, D),
@@ -163,7 +172,7 @@ def compute_mask_fisher(
         return_freed_weights_to_the_os()
     layers = all_layers(model, spec)
     with MaskNodes(model, spec, shape) as nodes, checkpointed(layers, placement.checkpointing):
-        step = _MaskStep(model, nodes, task, estimator, forward_fn, seed, micro)
+        step = _MaskStep(model, nodes, task, estimator, forward_fn, seed, micro, Aggregate(aggregate))
         sums, count = run_pass(
             model,
             dataloader,

@@ -9,6 +9,7 @@ This package depends on the shared modules of ``mergekit_fisher_mask`` only; it 
 from .expand import Normalize, Scheme
 from .kernels import FISHER, FISHER_MASK, Uncovered, fisher_mask_merge, fisher_merge, register
 from .recipe import Recipe, load_recipe
+from .sparsify import Sparsify
 
 __all__ = [
     "FISHER",
@@ -16,6 +17,7 @@ __all__ = [
     "Normalize",
     "Recipe",
     "Scheme",
+    "Sparsify",
     "Uncovered",
     "fisher_mask_merge",
     "fisher_merge",

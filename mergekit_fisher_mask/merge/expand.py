@@ -48,9 +48,11 @@ class NodeWeights:
     head_dim: int
 
     @classmethod
-    def from_fisher(cls, fisher: MaskFisher, normalize: Normalize) -> "NodeWeights":
+    def from_fisher(cls, fisher: MaskFisher, normalize: Normalize, power: float = 1.0) -> "NodeWeights":
+        """``F ** power`` (0: every node alike, the plain average), then normalized."""
         return cls(
-            groups={key: normalized(values, normalize) for key, values in fisher.groups.items()},
+            groups={key: normalized(values if power == 1 else values**power, normalize)
+                    for key, values in fisher.groups.items()},
             num_kv_heads=fisher.shape.num_kv_heads,
             head_dim=fisher.shape.head_dim,
         )
@@ -128,6 +130,22 @@ def tensor_weight(
     }[role]
     block = 1 if role == Role.HEADWISE else nodes.head_dim  # a head owns head_dim rows/columns
     return _along_axis(node_values, block, tensor, rule.axis, name=name)
+
+
+def mean_fisher_weight(
+    nodes: NodeWeights, stack: Optional[Stack], rule: Optional[TensorRule], layer: Optional[int], *, name: str
+) -> float:
+    """The paper's mean-Fisher rule for a tensor no node covers: the mean of its block's group in its layer (every
+    group of the layer for a tensor without a role), or the mean over the whole model outside layers."""
+    if stack is None or layer is None:
+        return nodes.model_mean()
+    if rule is not None and rule.role != Role.EMBEDDING:
+        group = rule.group_name
+        if stack.key(group) not in nodes.groups and group == "ffn":
+            group = "expert"
+        if stack.key(group) in nodes.groups:
+            return float(nodes.layer(stack, group, layer, name=name).mean())
+    return float(torch.cat([nodes.layer(stack, g, layer, name=name).flatten() for g in stack.sites]).mean())
 
 
 def _along_axis(

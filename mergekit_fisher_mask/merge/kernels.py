@@ -19,20 +19,24 @@ from typing_extensions import Annotated
 from ..architectures import ArchitectureSpec, get_architecture
 from ..errors import FisherFileError, FisherMaskError
 from ..files import INDEX_NAME, FullFisherReader, load_mask_fisher
-from .expand import NodeWeights, Normalize, Scheme, Weight, tensor_weight
+from .expand import NodeWeights, Normalize, Scheme, Weight, mean_fisher_weight, tensor_weight
+from .sparsify import Sparsify, merge_task_vectors
 
 
 class Uncovered(str, enum.Enum):
-    """What tensors no mask node covers (norms, embeddings, biases after a sum, ...) get."""
+    """What tensors no mask node covers (norms, embeddings, biases after a sum, routers, ...) get."""
 
     AVERAGE = "average"  # the plain weight-averaged mean, as `linear`
     BASE = "base"  # the base model's tensor, unchanged
+    MEAN_FISHER = "mean_fisher"  # weighted by the mean Fisher of the layer's block (model mean outside layers)
 
 
 @functools.lru_cache(maxsize=256)
-def _cached_node_weights(path: str, stamp: Tuple[int, int], normalize: Normalize) -> Tuple[NodeWeights, str]:
+def _cached_node_weights(
+    path: str, stamp: Tuple[int, int], normalize: Normalize, power: float
+) -> Tuple[NodeWeights, str]:
     fisher = load_mask_fisher(path)
-    return NodeWeights.from_fisher(fisher, normalize), fisher.shape.model_type
+    return NodeWeights.from_fisher(fisher, normalize, power), fisher.shape.model_type
 
 
 def _stamp(path: str) -> Tuple[int, int]:
@@ -41,9 +45,9 @@ def _stamp(path: str) -> Tuple[int, int]:
     return (stat.st_mtime_ns, stat.st_size) if stat else (0, 0)
 
 
-def node_weights(path: str, normalize: Normalize) -> Tuple[NodeWeights, ArchitectureSpec]:
+def node_weights(path: str, normalize: Normalize, power: float = 1.0) -> Tuple[NodeWeights, ArchitectureSpec]:
     """Load (once per file version) a Fisher file's normalized node weights and its architecture."""
-    nodes, model_type = _cached_node_weights(os.path.abspath(path), _stamp(path), Normalize(normalize))
+    nodes, model_type = _cached_node_weights(os.path.abspath(path), _stamp(path), Normalize(normalize), float(power))
     return nodes, get_architecture(model_type, where=path)
 
 
@@ -93,14 +97,21 @@ def fisher_mask_merge(
     normalize: Normalize = Normalize.LAYER,
     uncovered: Uncovered = Uncovered.AVERAGE,
     epsilon: Annotated[float, Field(gt=0)] = 1e-10,
+    power: Annotated[float, Field(ge=0)] = 1.0,
+    sparsify: Sparsify = Sparsify.NONE,
+    density: Annotated[float, Field(gt=0, le=1)] = 1.0,
+    consensus: bool = True,
 ) -> torch.Tensor:
-    """Merge one tensor: each model weighted by ``weight * max(F, epsilon)``, F its node Fisher along the node axis."""
+    """Merge one tensor: each model weighted by ``weight * max(F^power, epsilon)``, F its node Fisher along the node
+    axis; with ``sparsify``, merge trimmed, sign-elected task vectors over the base model instead."""
     name = group.metadata.name or "<unnamed tensor>"
     members = _members(group, fisher)
     lambdas = [weight[entry.id] for entry in members]
     if sum(lambdas) <= 0:
         raise FisherMaskError(f"fisher_mask: the model weights sum to {sum(lambdas)}; at least one must be positive.")
-    loaded = [node_weights(fisher[entry.id], normalize) for entry in members]
+    if sparsify != Sparsify.NONE and group.base is None:
+        raise FisherMaskError(f"fisher_mask: sparsify={sparsify.value} merges task vectors and needs a base_model.")
+    loaded = [node_weights(fisher[entry.id], normalize, power) for entry in members]
     spec = loaded[0][1]
     if any(other.name != spec.name for _, other in loaded):
         raise FisherMaskError(f"fisher_mask: Fisher files of different architectures for {name}.")
@@ -114,12 +125,20 @@ def fisher_mask_merge(
             if group.base is None:
                 raise FisherMaskError(f"fisher_mask: uncovered=base needs a base_model (tensor {name}).")
             return group.base.tensor.clone()
-        return weighted_average(members, lambdas)
-    weights = [
-        lam * (f.clamp_min(epsilon) if isinstance(f, torch.Tensor) else max(f, epsilon))
-        for lam, f in zip(lambdas, node_fisher)
-    ]
-    return weighted_average(members, weights)
+        if uncovered == Uncovered.MEAN_FISHER:
+            node_fisher = [mean_fisher_weight(nodes, stack, rule, layer, name=name) for nodes, _ in loaded]
+    if node_fisher[0] is None:
+        weights: List[Weight] = list(lambdas)
+    else:
+        weights = [
+            lam * (f.clamp_min(epsilon) if isinstance(f, torch.Tensor) else max(f, epsilon))
+            for lam, f in zip(lambdas, node_fisher)
+        ]
+    if sparsify == Sparsify.NONE:
+        return weighted_average(members, weights)
+    return merge_task_vectors(
+        group.base.tensor, [entry.tensor for entry in members], weights, sparsify, density, consensus, name=name
+    )
 
 
 @functools.lru_cache(maxsize=256)

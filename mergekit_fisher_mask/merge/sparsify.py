@@ -1,0 +1,84 @@
+"""Fisher-guided task vectors: trim each model's change from the base, elect signs, take the weighted mean.
+
+With a base model ``theta_0``, each model's task vector ``tau_k = theta_k - theta_0`` is
+
+1. **trimmed** to a fraction ``density`` of its entries: the largest by magnitude (TIES), by magnitude times the
+   model's merge weight ``|tau_k| * w_k`` (``fisher``), or a random subset rescaled by ``1 / density`` (DARE);
+2. **sign-elected** (``consensus``): an entry of ``tau_k`` is kept only if its sign agrees with that of the
+   weighted mass ``sum_k w_k tau_k`` (TIES' election, with Fisher weights in place of magnitudes alone);
+3. **merged** as the weighted mean of the kept entries, ``sum_k w_k m_k tau_k / sum_k w_k m_k`` (0 where no model
+   keeps the entry), and added back to the base.
+
+The semantics follow mergekit's ``ties`` and ``dare_ties`` / ``dare_linear`` (trim per tensor, elect by sign, divide
+by the kept weights), with the weights ``w_k = lambda_k * F_k`` of ``fisher_mask``.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+from typing import List, Sequence, Union
+
+import torch
+
+Weight = Union[torch.Tensor, float]
+
+
+class Sparsify(str, enum.Enum):
+    NONE = "none"  # no task vectors: the weighted mean of the models themselves
+    MAGNITUDE = "magnitude"  # TIES: keep the largest |tau_k|
+    FISHER = "fisher"  # keep the largest |tau_k| * w_k: what the model both changed and relies on
+    DARE = "dare"  # keep a random subset, rescaled by 1 / density
+
+
+def trim_mask(delta: torch.Tensor, weight: Weight, method: Sparsify, density: float, *, seed: int) -> torch.Tensor:
+    """Which entries of one task vector survive trimming (a bool tensor shaped like ``delta``)."""
+    if density >= 1.0:
+        return torch.ones_like(delta, dtype=torch.bool)
+    if method == Sparsify.DARE:
+        generator = torch.Generator(device=delta.device).manual_seed(seed)
+        return torch.rand(delta.shape, generator=generator, device=delta.device) < density
+    score = delta.abs() if method == Sparsify.MAGNITUDE else delta.abs() * weight  # broadcast to delta's shape
+    keep = max(1, int(round(density * delta.numel())))
+    if keep >= delta.numel():
+        return torch.ones_like(delta, dtype=torch.bool)
+    threshold = score.flatten().kthvalue(delta.numel() - keep + 1).values  # the keep-th largest score
+    return score >= threshold
+
+
+def merge_task_vectors(
+    base: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    weights: Sequence[Weight],
+    method: Sparsify,
+    density: float,
+    consensus: bool,
+    *,
+    name: str,
+) -> torch.Tensor:
+    """``base + sum_k w_k m_k tau_k / sum_k w_k m_k`` with the trim and sign masks ``m_k`` described above."""
+    dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
+    seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")  # reproducible DARE per tensor
+    deltas: List[torch.Tensor] = []
+    for index, (tensor, weight) in enumerate(zip(tensors, weights)):
+        delta = tensor.to(dtype) - base.to(dtype)
+        mask = trim_mask(delta, weight, method, density, seed=seed + index)
+        delta = delta * mask
+        if method == Sparsify.DARE:
+            delta /= density
+        deltas.append(delta)
+    full = [w.to(device=base.device, dtype=dtype) if isinstance(w, torch.Tensor) else float(w) for w in weights]
+    if consensus:
+        mass = sum(w * d for w, d in zip(full, deltas))
+        elected = torch.sign(mass)
+        masks = [(torch.sign(d) == elected) & (d != 0) for d in deltas]
+    else:
+        masks = [d != 0 for d in deltas]
+    numerator = torch.zeros_like(deltas[0])
+    denominator = torch.zeros_like(deltas[0])
+    for weight, delta, mask in zip(full, deltas, masks):
+        kept = mask.to(dtype) * weight  # (broadcast) weight where kept, 0 elsewhere
+        numerator.addcmul_(delta, kept)
+        denominator.add_(kept)
+    merged = torch.where(denominator > 0, numerator / denominator.clamp_min(torch.finfo(dtype).tiny), 0.0)
+    return (base.to(dtype) + merged).to(base.dtype)
