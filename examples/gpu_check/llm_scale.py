@@ -76,7 +76,6 @@ def configuration(model: str, data: Path, settings: CalibrationSettings, repeats
     groups, _ = compute_mask_fisher(run.model, batches, accelerator=run.accelerator, progress=False)
     report["head_fisher"] = groups["head_fisher"].tolist()
     run.cleanup()
-    del run
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return report
