@@ -1,7 +1,7 @@
 """A real LLM merge where the models differ: fine-tunes on English prose, Python code and mixed American English,
 merged pair by pair and all at once with every method, scored by held-out perplexity.
 
-    python examples/llm_domains/run.py [--base smollm2|gemma3] [--domains austen code brown] [--steps 100]
+    python examples/llm_domains/run.py [--base smollm2|gemma3] [--domains austen code brown] [--steps 60]
 
 * Base models: SmolLM2-135M-Instruct (default) or Gemma-3-270M (base), both converted from GGUFs that ship in PyPI
   packages (``examples/assets.py``).
@@ -127,20 +127,25 @@ def floats(path: Path) -> dict:
     return {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
 
 
-def calibrate(models: dict, text: dict, work: Path, samples: int) -> dict:
-    """Mask Fisher (each variant) and full Fisher of every fine-tune on its own training text (cached)."""
+def calibrate(models: dict, text: dict, work: Path, samples: int, keys: set) -> dict:
+    """The Fisher files ``keys`` (mask variants of CALIBRATIONS, "full") of every fine-tune on its own training
+    text (cached)."""
     paths = {}
     for domain, model in models.items():
         folder = work / "fisher" / f"{domain}-{samples}"
         common = dict(samples=samples, batch_size=8, max_length=BLOCK)
         paths[domain] = {}
         for key, options in CALIBRATIONS.items():
+            if key not in keys:
+                continue
             out = folder / f"{key}.safetensors"
             if not out.exists():
                 log(f"calibrating {domain} ({key})")
                 mfm.calibrate(str(model), str(text[domain]["train"]), out, mfm.CalibrationSettings(**common, **options),
                               progress=False)
             paths[domain][key] = str(out)
+        if "full" not in keys:
+            continue
         out = folder / "full"
         if not (out / "fisher.safetensors.index.json").exists():
             log(f"calibrating {domain} (full Fisher)")
@@ -196,7 +201,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", type=Path, default=assets.DEFAULT_CACHE)
     parser.add_argument("--base", choices=["smollm2", "gemma3"], default="smollm2")
     parser.add_argument("--domains", nargs="+", default=["austen", "code", "brown"], choices=["austen", "code", "brown"])
-    parser.add_argument("--steps", type=int, default=100, help="continued-pretraining steps per domain")
+    parser.add_argument("--steps", type=int, default=60, help="continued-pretraining steps per domain")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--lr", type=float, default=5e-5)
     parser.add_argument("--samples", type=int, default=64, help="calibration examples per model")
@@ -216,7 +221,7 @@ def main(argv=None) -> int:
     training = {d: continue_pretraining(base, text[d]["train"], work / d, args.steps, args.batch, args.lr)
                 for d in args.domains}
     models = {d: work / d for d in args.domains}
-    fishers = calibrate(models, text, work, args.samples)
+    fishers = calibrate(models, text, work, args.samples, {METHODS[name][2] for name in args.methods} - {""})
 
     log("perplexity of the base model and the fine-tunes")
     scorer = Scorer(base, text, args.eval_blocks)
