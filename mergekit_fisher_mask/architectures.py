@@ -152,6 +152,7 @@ class ArchitectureSpec:
     # How the LM head's logits are transformed before the loss: ("softcap", attribute) for c * tanh(z / c),
     # ("divide", attribute) for z / s, where the config attribute holds c or s (None there: no transform).
     logits: Optional[Tuple[str, str]] = None
+    causal: bool = True  # attention of the layers is causal (decoders); False for bidirectional encoders
 
     def locate(self, tensor_name: str) -> Tuple[Optional[Stack], Optional[int], Optional[TensorRule]]:
         """(stack, layer index, rule) for a tensor name; (None, None, EMBEDDING rule or None) outside layers; rule
@@ -355,6 +356,7 @@ def _bert_like(name: str, positions: Positions = Positions.ABSOLUTE, tensors=_BE
         r"|encoder\.LayerNorm\..+)",
         task_head_pattern=r"(?:classifier|qa_outputs)\..+",
         positions=positions,
+        causal=False,
     )
 
 
@@ -398,6 +400,7 @@ ARCHITECTURES: Mapping[str, ArchitectureSpec] = {
         task_head_pattern=r"(?:pre_classifier|classifier|qa_outputs)\..+",
         positions=Positions.ABSOLUTE,
         keys=ConfigKeys(ffn="hidden_dim"),
+        causal=False,
     ),
     "deberta-v2": ArchitectureSpec(
         name=_DEBERTA.name,
@@ -406,6 +409,7 @@ ARCHITECTURES: Mapping[str, ArchitectureSpec] = {
         r"|encoder\.LayerNorm\..+|encoder\.conv\..+)",
         task_head_pattern=r"(?:pooler|classifier|qa_outputs)\..+",  # DeBERTa's pooler is part of its task head
         positions=Positions.ROTARY,  # relative positions: no table to overflow
+        causal=False,
     ),
     "modernbert": ArchitectureSpec(
         name="ModernBERT",
@@ -414,6 +418,7 @@ ARCHITECTURES: Mapping[str, ArchitectureSpec] = {
                       _MODERNBERT_TENSORS),),
         embedding_pattern=_PREFIX + r"embeddings\..+",
         task_head_pattern=r"(?:head|classifier|qa_outputs)\..+",
+        causal=False,
     ),
     "llama": _llama_like("Llama"),
     "mistral": _llama_like("Mistral"),

@@ -10,7 +10,7 @@ import click
 from mergekit.options import MergeOptions, PrettyPrintHelp, add_merge_options
 
 from .errors import FisherMaskError
-from .merge import Normalize, register
+from .merge import Normalize  # importing the package registered fisher_mask and fisher with mergekit
 from .pipeline import HEAD_POLICIES, run_fisher_merge
 from .settings import CalibrationSettings, calibration_options
 
@@ -19,7 +19,6 @@ from .settings import CalibrationSettings, calibration_options
 @click.version_option(package_name="mergekit-fisher-mask")
 def main() -> None:
     """Data-aware merging with Fisher Mask Nodes (arXiv 2403.09891) for mergekit."""
-    register()
 
 
 @main.command()
@@ -93,14 +92,22 @@ def merge(merge_options: MergeOptions, config_file, out_path, overwrite, heads, 
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(exists=True))
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a heatmap PNG (mask-Fisher files).")
-@click.option("--top-k", default=10, show_default=True, help="Heads to list, largest Fisher first.")
+@click.option("--overwrite", is_flag=True, help="Let --plot replace an existing PNG image.")
+@click.option("--top-k", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Heads to list, largest Fisher first.")
 @click.option("--normalize", type=click.Choice([n.value for n in Normalize]), default="layer", show_default=True,
               help="Normalization used for the merge-weight panel of --plot (as in the merge).")
-def inspect(files, plot, top_k, normalize) -> None:
+def inspect(files, plot, overwrite, top_k, normalize) -> None:
     """Summarize Fisher FILES (mask-Fisher files or full-Fisher folders) and optionally plot them side by side."""
     from .files import load_mask_fisher
     from .inspection import describe, plot_mask_fishers
+    from .outputs import check_no_overlap, check_replaceable, is_png, staged_file
 
+    claim = None
+    if plot:  # refused before any work: never over an input, and only ever over a PNG, with --overwrite
+        check_no_overlap(plot, {f"the input {f}": Path(f) for f in files}, option="--plot")
+        claim = check_replaceable(plot, overwrite=overwrite, is_ours=is_png, what="a PNG image", folder=False,
+                                  option="--plot")
     for report in describe(files, top_k).values():
         click.echo(report + "\n")
     if plot:
@@ -108,7 +115,9 @@ def inspect(files, plot, top_k, normalize) -> None:
         if not masks:
             raise FisherMaskError("--plot draws mask-Fisher files; full-Fisher folders have no node layout to draw.")
         labels = [Path(f).stem for f in masks]
-        width, height = plot_mask_fishers([load_mask_fisher(f) for f in masks], labels, Path(plot), normalize=Normalize(normalize))
+        with staged_file(plot, claim) as staging:
+            width, height = plot_mask_fishers([load_mask_fisher(f) for f in masks], labels, staging,
+                                              normalize=Normalize(normalize))
         click.echo(f"Wrote {plot} ({width}x{height} px)", err=True)
 
 

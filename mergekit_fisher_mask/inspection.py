@@ -177,7 +177,7 @@ def plot_mask_fishers(
     for axis in axes.flat:
         axis.yaxis.set_major_locator(MaxNLocator(integer=True))
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    figure.savefig(out, dpi=dpi)
+    figure.savefig(out, dpi=dpi, format="png")  # out may be a staging name without a suffix
     width, height = figure.canvas.get_width_height()
     plt.close(figure)
     return width, height

@@ -7,7 +7,9 @@ Rules, enforced here for every file and folder this tool writes:
   ``--overwrite``; anything else is refused, naming what is there;
 * results are written under a hidden sibling name (``.<name>.partial-<host>-<pid>-<random>``) and renamed into
   place when complete, so an interrupted run never leaves something that looks finished. Such leftovers of a run
-  that died are removed by the next run into the same path; those of a run still alive are left alone.
+  that died are removed by the next run into the same path; those of a run still alive are left alone;
+* the check is made before any work and made again just before the result is moved into place, so something that
+  appeared at the output path meanwhile (a user's folder, another run's result) is not replaced either.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ import re
 import secrets
 import shutil
 import socket
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Iterator, Mapping, Optional
 
 from .errors import OutputPathError
 
@@ -56,16 +59,34 @@ def describe_contents(folder: Path, limit: int = 5) -> str:
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
+@dataclass(frozen=True)
+class OutputClaim:
+    """What :func:`check_replaceable` allowed, so that the same check runs again just before publishing."""
+
+    out: Path
+    overwrite: bool
+    is_ours: Callable[[Path], bool]
+    what: str
+    folder: bool
+    option: str
+
+    def check(self) -> None:
+        check_replaceable(self.out, overwrite=self.overwrite, is_ours=self.is_ours, what=self.what, folder=self.folder,
+                          option=self.option)
+
+
 def check_replaceable(
     out, *, overwrite: bool, is_ours: Callable[[Path], bool], what: str, folder: bool, option: str = "output"
-) -> None:
+) -> OutputClaim:
     """Allow writing ``out`` only if it is absent or empty, or if it is ``what`` (``is_ours``) and ``overwrite``.
 
-    ``folder`` says whether the output is a folder (a merge, a full Fisher) or a single file (a mask Fisher).
+    ``folder`` says whether the output is a folder (a merge, a full Fisher) or a single file (a mask Fisher). Returns
+    the claim to hand to :func:`publish` / :func:`staged_file`, which repeat the check right before replacing.
     """
     path = Path(out)
+    claim = OutputClaim(path, overwrite, is_ours, what, folder, option)
     if not os.path.lexists(path):
-        return
+        return claim
     if path.is_symlink():
         raise OutputPathError(f"The {option} {path} is a symbolic link; refusing to write through it. Remove it first.")
     if folder and path.is_file():
@@ -75,7 +96,7 @@ def check_replaceable(
             f"The {option} {path} is a folder; give the path of the file to write, e.g. {path / 'model.fisher.safetensors'}."
         )
     if folder and not any(path.iterdir()):
-        return
+        return claim
     if not is_ours(path):
         held = f"holds files this tool did not write ({describe_contents(path)})" if folder else "is not " + what
         raise OutputPathError(
@@ -84,6 +105,16 @@ def check_replaceable(
         )
     if not overwrite:
         raise OutputPathError(f"The {option} {path} already holds {what}. Pass --overwrite to replace it.")
+    return claim
+
+
+def is_png(path: Path) -> bool:
+    """Whether ``path`` is a PNG image (what ``inspect --plot`` may replace)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(8) == b"\x89PNG\r\n\x1a\n"
+    except OSError:
+        return False
 
 
 def _staging_pattern(out: Path) -> "re.Pattern[str]":
@@ -134,8 +165,10 @@ def _make_public(path: Path) -> None:
         os.chmod(path, 0o666 & ~umask)
 
 
-def _replace(staged: Path, out: Path) -> None:
-    """Move ``staged`` to ``out``; an existing ``out`` (already checked to be ours) is removed only afterwards."""
+def _replace(staged: Path, out: Path, claim: Optional[OutputClaim]) -> None:
+    """Move ``staged`` to ``out``; an existing ``out`` (checked again here to be ours) is removed only afterwards."""
+    if claim is not None:
+        claim.check()
     _make_public(staged)
     if out.is_dir():
         previous = _staging_name(out, "replaced")
@@ -166,17 +199,18 @@ def staged_folder(out) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def staged_file(out) -> Iterator[Path]:
-    """Yield a hidden sibling path to write one file to; it replaces ``out`` when the block ends without error."""
+def staged_file(out, claim: Optional[OutputClaim] = None) -> Iterator[Path]:
+    """Yield a hidden sibling path to write one file to; it replaces ``out`` when the block ends without error (after
+    ``claim`` is checked again)."""
     staging = _new_staging(out)
     try:
         yield staging
-        _replace(staging, _resolved(out))
+        _replace(staging, _resolved(out), claim)
     finally:
         staging.unlink(missing_ok=True)
 
 
-def publish(staging: Path, out) -> None:
-    """Move a finished staged folder into place, replacing an existing output (checked by the caller)."""
-    _replace(staging, _resolved(out))
+def publish(staging: Path, out, claim: Optional[OutputClaim] = None) -> None:
+    """Move a finished staged folder into place, replacing an existing output (``claim`` is checked again first)."""
+    _replace(staging, _resolved(out), claim)
 

@@ -20,19 +20,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import torch
-
 from .architectures import ARCHITECTURES, ArchitectureSpec, NodeShape, get_architecture
 from .calibrate.api import calibrate as calibrate_mask
 from .calibrate.api import calibrate_full
+from .calibrate.placement import accelerator_type
 from .checkpoints import check_weights, has_tokenizer, load_config, model_fingerprint, resolve_model_dir
-from .errors import FisherFileError, FisherMaskError, RecipeError
+from .errors import FisherFileError, FisherMaskError, OutputPathError, RecipeError
 from .files import FullFisherReader, check_matches_model, is_full_fisher_dir, is_mask_fisher_file, load_mask_fisher
 from .inspection import summarize_mask
 from .merge.heads import copy_task_head, excluding_weights, planned_names, task_head_tensors
 from .merge.model_card import write_model_card
 from .merge.recipe import PLUGIN_METHODS, CalibrationRequest, Recipe, load_recipe
-from .outputs import check_no_overlap, check_replaceable, publish, staged_folder
+from .outputs import OutputClaim, check_no_overlap, check_replaceable, publish, staged_folder
 
 LOG = logging.getLogger(__name__)
 
@@ -59,8 +58,26 @@ def default_cache_dir() -> Path:
     return Path(root)
 
 
+def _written_files(folder: Path) -> List[str]:
+    """Every file under ``folder``, as sorted POSIX paths relative to it."""
+    return sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if not p.is_dir())
+
+
+def foreign_files(folder: Path) -> List[str]:
+    """Files in a merge output that the merge did not write (the marker lists what it wrote); all files if the
+    folder has no marker. A marker of an older version, without the list, vouches for the whole folder."""
+    try:
+        written = json.loads((Path(folder) / MARKER).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return _written_files(folder)
+    if written is None:
+        return []
+    return [name for name in _written_files(folder) if name not in set(written) | {MARKER}]
+
+
 def is_merge_output(folder: Path) -> bool:
-    return (Path(folder) / MARKER).is_file()
+    """Whether ``folder`` is a finished merge of this tool that holds nothing the user added."""
+    return (Path(folder) / MARKER).is_file() and not foreign_files(folder)
 
 
 def _load_inputs(recipe: Recipe) -> Dict[str, InputModel]:
@@ -77,7 +94,9 @@ def _load_inputs(recipe: Recipe) -> Dict[str, InputModel]:
     return inputs
 
 
-def _check_output(out_path: str, recipe: Recipe, inputs: Dict[str, InputModel], cache_dir: Path, overwrite: bool) -> None:
+def _check_output(
+    out_path: str, recipe: Recipe, inputs: Dict[str, InputModel], cache_dir: Path, overwrite: bool
+) -> OutputClaim:
     """The output may replace only a previous merge of this tool, and may never touch an input."""
     protected = {f"input model {m.reference!r} at": m.directory for m in inputs.values()}
     protected["the recipe"] = Path(recipe.path)
@@ -90,7 +109,14 @@ def _check_output(out_path: str, recipe: Recipe, inputs: Dict[str, InputModel], 
         if os.path.exists(request.data):
             protected[f"the calibration data of {request.model!r},"] = Path(request.data)
     check_no_overlap(out_path, protected, option="output")
-    check_replaceable(out_path, overwrite=overwrite, is_ours=is_merge_output, what="a previous merge", folder=True)
+    extra = foreign_files(Path(out_path)) if (Path(out_path) / MARKER).is_file() else []
+    if extra:
+        raise OutputPathError(
+            f"The output {out_path} holds a previous merge plus files this tool did not write "
+            f"({', '.join(extra[:5])}{f' and {len(extra) - 5} more' if len(extra) > 5 else ''}); refusing to replace "
+            "it. Move those files away, or choose another path."
+        )
+    return check_replaceable(out_path, overwrite=overwrite, is_ours=is_merge_output, what="a previous merge", folder=True)
 
 
 def _check_shapes(recipe: Recipe, inputs: Dict[str, InputModel]) -> NodeShape:
@@ -132,7 +158,7 @@ def calibration_cache_key(request: CalibrationRequest, model: InputModel) -> str
         stat = os.stat(request.data)
         stamp = [stat.st_size, stat.st_mtime_ns]
     settings = request.settings.result_fields()
-    settings["dtype"] = request.settings.dtype.resolve(model.config, on_gpu=torch.cuda.is_available())
+    settings["dtype"] = request.settings.dtype.resolve(model.config, on_gpu=accelerator_type() is not None)
     payload = {"fingerprint": model.fingerprint, "data": request.data, "stamp": stamp, "settings": settings}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -252,7 +278,7 @@ def run_fisher_merge(
         raise RecipeError(f"{recipe_path}: calibration_data is only used by {', '.join(PLUGIN_METHODS)}.")
     recipe = _with_base_model(recipe)
     inputs = _load_inputs(recipe)
-    _check_output(out_path, recipe, inputs, cache_dir, overwrite)
+    claim = _check_output(out_path, recipe, inputs, cache_dir, overwrite)
     base = inputs[recipe.base_model]
     # Task-head handling needs only the table's head pattern, so it applies to every method (linear too).
     spec: Optional[ArchitectureSpec] = ARCHITECTURES.get(base.config.model_type)
@@ -281,10 +307,10 @@ def run_fisher_merge(
         if head_names:
             copy_task_head(base.directory, staging, head_names, dtype=merge_config.out_dtype or merge_config.dtype)
         write_model_card(staging, recipe, provenance, heads_from=base.reference if head_names else None)
-        (staging / MARKER).write_text(
-            json.dumps({"method": recipe.method, "models": provenance, "heads_from_base": head_names}, indent=2)
-        )
-        publish(staging, out_path)
+        (staging / MARKER).write_text(json.dumps(
+            {"method": recipe.method, "models": provenance, "heads_from_base": head_names,
+             "files": _written_files(staging)}, indent=2))
+        publish(staging, out_path, claim)
     return Path(out_path)
 
 

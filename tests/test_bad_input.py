@@ -260,6 +260,29 @@ def test_data_that_is_a_folder(model_zoo, tmp_path):
         calibrate(str(model_zoo("bert")), str(tmp_path), tmp_path / "o.safetensors", progress=False)
 
 
+@pytest.mark.parametrize("source, hub", [
+    ("nyu-mll/glue:sst2@validation", ("nyu-mll/glue", "sst2", "validation")),
+    ("rotten_tomatoes", ("rotten_tomatoes", None, "train")),
+    ("data/missing.jsonl", None), ("./missing", None), ("a/b/c", None),
+])
+def test_hub_dataset_names_and_missing_files(source, hub, monkeypatch, tmp_path):
+    """org/name[:config][@split] goes to datasets; a path-like name that does not exist is a missing file."""
+    import datasets
+
+    from mergekit_fisher_mask.calibrate.data import load_rows
+
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split: calls.append((name, config, split)))
+    monkeypatch.chdir(tmp_path)
+    if hub is None:
+        with pytest.raises(CalibrationDataError, match=f"Calibration data file {source} does not exist"):
+            load_rows(source)
+        assert not calls
+    else:
+        load_rows(source)
+        assert calls == [hub]
+
+
 def test_description_records_the_data_kind(model_zoo, text_data, tmp_path):
     fisher = calibrate(str(model_zoo("bert")), str(text_data), tmp_path / "f.safetensors", SETTINGS, progress=False)
     assert fisher.data["kind"] == "text" and json.loads(json.dumps(fisher.data)) == fisher.data

@@ -235,3 +235,15 @@ def test_bf16_mixed_precision_stays_close_to_fp32(model_zoo, text_data, tmp_path
     assert bf16.head.dtype == torch.float32 and torch.isfinite(bf16.head).all()
     # bf16 keeps ~3 significant digits; the per-head ranking and scale must survive.
     assert_close(bf16.head, fp32.head, rel=0.1)
+
+
+def test_left_padded_batches_are_refused(model_zoo):
+    """Micro-batches are trimmed on the right: a left-padded dataloader would lose real tokens, so it is refused."""
+    from mergekit_fisher_mask import compute_mask_fisher
+    from mergekit_fisher_mask.errors import FisherMaskError
+
+    model = load_reference_model(model_zoo("bert"))
+    batch = {"input_ids": torch.tensor([[0, 0, 4, 7, 5], [4, 7, 8, 9, 5]]),
+             "attention_mask": torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]), "labels": torch.tensor([0, 1])}
+    with pytest.raises(FisherMaskError, match="not right-padded"):
+        compute_mask_fisher(model, [batch], progress=False)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -72,8 +74,8 @@ def test_failed_merge_never_pushes(recipe_file, tmp_path, monkeypatch):
     assert result.exit_code != 0 and "disk full" in str(result.exception)
 
 
-def test_successful_merge_pushes_the_finished_folder(recipe_file, tmp_path, monkeypatch):
-    calls = []
+def fake_api(calls, existing_public=False):
+    """A stand-in for huggingface_hub.HfApi that records calls; ``existing_public``: the repo exists and is public."""
 
     class FakeApi:
         def __init__(self, token):
@@ -83,16 +85,35 @@ def test_successful_merge_pushes_the_finished_folder(recipe_file, tmp_path, monk
             calls.append(("create", repo_id, kwargs["private"]))
             return f"https://hub.invalid/{repo_id}"
 
+        def repo_info(self, repo_id, **kwargs):
+            return SimpleNamespace(private=not existing_public)
+
         def upload_folder(self, folder_path, repo_id, **kwargs):
             from pathlib import Path
 
             calls.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
 
+    return FakeApi
+
+
+def test_successful_merge_pushes_the_finished_folder(recipe_file, tmp_path, monkeypatch):
+    calls = []
     monkeypatch.setattr("huggingface_hub.get_token", lambda: "hf_test")
-    monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
+    monkeypatch.setattr("huggingface_hub.HfApi", fake_api(calls))
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["merge", str(recipe_file), str(out), "--push-to-hub", "me/model", "--private",
                                        "--fisher-cache", str(tmp_path / "c")], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert calls[0] == ("token", "hf_test") and calls[1] == ("create", "me/model", True)
     assert calls[2][0] == "upload" and "README.md" in calls[2][2] and "fisher_merge.json" in calls[2][2]
+
+
+def test_private_push_into_an_existing_public_repo_uploads_nothing(recipe_file, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: "hf_test")
+    monkeypatch.setattr("huggingface_hub.HfApi", fake_api(calls, existing_public=True))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["merge", str(recipe_file), str(out), "--push-to-hub", "me/model", "--private",
+                                       "--fisher-cache", str(tmp_path / "c")])
+    assert result.exit_code != 0 and "already exists and is public" in str(result.exception)
+    assert not [c for c in calls if c[0] == "upload"] and (out / "fisher_merge.json").is_file()

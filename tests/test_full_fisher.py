@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import CLASSIFIERS, load_reference_model, save_model
+from conftest import load_reference_model, random_text, save_model, task_of_arch, write_jsonl
 from mergekit.merge_methods import merge_state_dicts
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
@@ -18,6 +20,7 @@ from mergekit_fisher_mask import FISHER, CalibrationSettings, calibrate_full
 from mergekit_fisher_mask.calibrate.data import select_examples
 from mergekit_fisher_mask.cli import main
 from mergekit_fisher_mask.files import INDEX_NAME, FullFisherReader
+from mergekit_fisher_mask.tasks import Task
 
 
 def reference_full_fisher(model_dir, texts, labels):
@@ -35,14 +38,33 @@ def reference_full_fisher(model_dir, texts, labels):
     return {name: value / len(texts) for name, value in sums.items()}
 
 
-@pytest.mark.parametrize("arch", ["bert", "llama", "gpt2"])
+def sentence_pairs(folder):
+    """Labelled sentence pairs (BERT's token_type_ids tell the two apart)."""
+    generator = torch.Generator().manual_seed(3)
+    rows = [{"sentence1": random_text(generator), "sentence2": random_text(generator), "label": i % 3}
+            for i in range(12)]
+    return write_jsonl(folder / "pairs.jsonl", rows)
+
+
+# gpt_neox is a decoder *classifier*: its attention must stay causal; bert-pairs needs token_type_ids.
+@pytest.mark.parametrize("arch", ["bert", "bert-pairs", "llama", "gpt2", "gpt_neox"])
 def test_full_fisher_matches_batch_of_one_reference(arch, model_zoo, text_data, tmp_path):
+    pairs = arch == "bert-pairs"
+    arch = "bert" if pairs else arch
+    data_file = sentence_pairs(tmp_path) if pairs else text_data
     model_dir = model_zoo(arch)
+    if pairs:  # BERT's own tokenizer returns token_type_ids (0 for the first text, 1 for the second)
+        model_dir = shutil.copytree(model_dir, tmp_path / "bert-pairs")
+        config_file = model_dir / "tokenizer_config.json"
+        config = json.loads(config_file.read_text())
+        config_file.write_text(json.dumps({**config, "model_input_names": ["input_ids", "token_type_ids", "attention_mask"]}))
+        assert set(AutoTokenizer.from_pretrained(model_dir)("w1", "w2")["token_type_ids"]) == {0, 1}
     out = tmp_path / "full"
     fisher, count = calibrate_full(
-        str(model_dir), str(text_data), out, CalibrationSettings(samples=6, batch_size=4, chunk_size=3), progress=False
+        str(model_dir), str(data_file), out, CalibrationSettings(samples=6, batch_size=4, chunk_size=3), progress=False
     )
-    data = select_examples(str(text_data), samples=6, seed=0, needs_labels=arch in CLASSIFIERS)
+    data = select_examples(str(data_file), samples=6, seed=0, needs_labels=task_of_arch(arch) != Task.CAUSAL_LM)
+    assert not pairs or len(data.examples[0]) == 2
     reference = reference_full_fisher(model_dir, data.examples, data.labels)
     assert count == 6 and set(fisher) == set(reference)
     scale = max(r.abs().max() for r in reference.values())
@@ -109,6 +131,39 @@ def test_fisher_merge_matches_formula(tmp_path, normalize):
         weights = [l * ((f[name] / (n if normalize else 1)).clamp_min(floor)) for l, (_, f), n in zip(lambdas, fishers, norms)]
         expected = sum(w * m.state_dict()[name] for w, m in zip(weights, models)) / sum(weights)
         torch.testing.assert_close(out, expected.float(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("l2_norm, match", [(None, "l2_norm is missing"), ("abc", "not a number"),
+                                             ("0.0", "finite, positive"), ("nan", "finite, positive")])
+def test_a_bad_l2_norm_is_refused(tmp_path, l2_norm, match):
+    from conftest import build_model
+
+    from mergekit_fisher_mask.errors import FisherFileError
+
+    (path, _), = make_full_fishers(tmp_path, [build_model("gpt2")])
+    index_file = Path(path) / INDEX_NAME
+    index = json.loads(index_file.read_text())
+    index["metadata"].pop("l2_norm")
+    if l2_norm is not None:
+        index["metadata"]["l2_norm"] = l2_norm
+    index_file.write_text(json.dumps(index))
+    with pytest.raises(FisherFileError, match=match):
+        FullFisherReader(path)
+
+
+def test_a_negative_full_fisher_tensor_is_refused(tmp_path):
+    from conftest import build_model
+
+    from mergekit_fisher_mask.errors import FisherFileError
+
+    model = build_model("gpt2")
+    fisher = {name: torch.ones_like(p) for name, p in model.state_dict().items() if p.is_floating_point()}
+    name = next(iter(fisher))
+    fisher[name][0] = -1.0
+    model.save_pretrained(tmp_path / "m")
+    full_fisher.save_full_fisher(fisher, tmp_path / "m", tmp_path / "full", {"model_type": "gpt2"})
+    with pytest.raises(FisherFileError, match="negative values"):
+        FullFisherReader(str(tmp_path / "full")).get(name)
 
 
 def test_fisher_kernel_reads_only_the_tensor_it_merges(tmp_path, monkeypatch):

@@ -79,3 +79,25 @@ def test_cli_full_fisher_summary(tmp_path):
     line = next(l for l in result.output.splitlines() if "classifier.weight" in l)
     share = model.classifier.weight.numel() / total
     assert f"{share:.2%}" in line and "2.0000e+00" in line
+
+
+def test_plot_never_replaces_a_file_that_is_not_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    fisher_file(tmp_path / "a.safetensors", seed=0)
+    thesis = tmp_path / "thesis.txt"
+    thesis.write_text("four years of work")
+    png = tmp_path / "heat.png"
+
+    def inspect(*args):
+        return CliRunner().invoke(main, ["inspect", str(tmp_path / "a.safetensors"), *args], standalone_mode=False)
+
+    for target, match in ((thesis, "is not a PNG image"), (tmp_path / "a.safetensors", "is the input")):
+        before = target.read_bytes()
+        result = inspect("--plot", str(target), "--overwrite")
+        assert result.exception is not None and match in str(result.exception)
+        assert target.read_bytes() == before
+    assert inspect("--plot", str(png)).exception is None and png.read_bytes()[:4] == b"\x89PNG"
+    result = inspect("--plot", str(png))
+    assert "already holds a PNG image. Pass --overwrite" in str(result.exception)
+    assert inspect("--plot", str(png), "--overwrite").exception is None
+    assert not list(tmp_path.glob(".*partial*")), "staging is never left behind"

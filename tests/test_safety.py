@@ -79,9 +79,38 @@ def test_overwrite_replaces_a_previous_merge(setup, tmp_path):
     run_fisher_merge(str(recipe), str(out), OPTIONS)
     with pytest.raises(OutputPathError, match="already holds a previous merge. Pass --overwrite"):
         run_fisher_merge(str(recipe), str(out), OPTIONS)
-    (out / "stale-00009.safetensors").write_text("left over")
+    before = snapshot(out)
     run_fisher_merge(str(recipe), str(out), OPTIONS, overwrite=True)
-    assert (out / MARKER).is_file() and not (out / "stale-00009.safetensors").exists()
+    assert (out / MARKER).is_file() and set(snapshot(out)) == set(before)
+
+
+def test_overwrite_keeps_a_previous_merge_the_user_added_files_to(setup, tmp_path):
+    _, _, recipe = setup
+    out = tmp_path / "out"
+    run_fisher_merge(str(recipe), str(out), OPTIONS)
+    (out / "eval").mkdir()
+    (out / "eval" / "results.json").write_text("{}")
+    merge = lambda: run_fisher_merge(str(recipe), str(out), OPTIONS, overwrite=True)  # noqa: E731
+    refused(tmp_path, out, merge, r"holds a previous merge plus files this tool did not write \(eval/results\.json\)")
+
+
+def test_a_folder_that_appears_at_the_output_during_the_merge_is_kept(setup, tmp_path, monkeypatch):
+    """The output check runs again just before the result is moved into place."""
+    import mergekit_fisher_mask.pipeline as pipeline
+
+    _, _, recipe = setup
+    out = tmp_path / "out"
+    write_card = pipeline.write_model_card
+
+    def user_creates_the_folder_meanwhile(*args, **kwargs):
+        write_card(*args, **kwargs)
+        user_folder(out)
+
+    monkeypatch.setattr(pipeline, "write_model_card", user_creates_the_folder_meanwhile)
+    with pytest.raises(OutputPathError, match="holds files this tool did not write"):
+        run_fisher_merge(str(recipe), str(out), OPTIONS, overwrite=True)
+    assert snapshot(out) == snapshot(user_folder(tmp_path / "same-as-user")), "the user's files are untouched"
+    assert not [p for p in tmp_path.rglob(".*partial*")]
 
 
 @pytest.mark.parametrize("where", ["model", "parent of model", "inside model", "fisher file", "parent of fisher"])
@@ -158,6 +187,9 @@ def test_full_fisher_folder_is_replaced_only_with_overwrite(setup, text_data, tm
     refused(tmp_path, out, action, "already holds a full Fisher. Pass --overwrite")
     calibrate_full(str(models[1]), str(text_data), out, SETTINGS, overwrite=True, progress=False)
     assert not [p for p in tmp_path.rglob(".*partial*")]
+    (out / "notes.txt").write_text("mine")  # a file the user added makes the folder theirs too
+    action = lambda: calibrate_full(str(models[0]), str(text_data), out, SETTINGS, overwrite=True)  # noqa: E731
+    refused(tmp_path, out, action, r"holds files this tool did not write")
 
 
 def _dead_pid() -> int:

@@ -24,7 +24,7 @@ from .data import CalibrationDataset, encode_labels, prepare_tokenizer, select_e
 from .engine import check_estimator
 from .full_pass import check_full_supported, compute_full_fisher
 from .mask_pass import compute_mask_fisher
-from .placement import load_model
+from .placement import accelerator_type, load_model
 
 LOG = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def make_accelerator():
 
     # Launched as several processes on a machine without GPUs, accelerate only picks CPU data parallelism (gloo)
     # when told cpu=True; otherwise each process would silently calibrate on everything.
-    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator_type() is None
     # even_batches=False: padding the last batch with repeated examples would count them twice.
     return Accelerator(cpu=multi_cpu, dataloader_config=DataLoaderConfiguration(even_batches=False))
 
@@ -160,10 +160,10 @@ def _checked_run(model, data, out, settings: SettingsLike, accelerator, *, overw
     model_dir = resolve_model_dir(str(model))
     check_no_overlap(out, {"the model folder": model_dir}, option="--out")
     what, is_ours = ("a full Fisher", is_full_fisher_dir) if full else ("a mask-Fisher file", is_mask_fisher_file)
-    check_replaceable(out, overwrite=overwrite, is_ours=is_ours, what=what, folder=full, option="--out")
+    claim = check_replaceable(out, overwrite=overwrite, is_ours=is_ours, what=what, folder=full, option="--out")
     run = prepare_calibration(model, data, settings, accelerator, **options)
     try:
-        yield run
+        yield run, claim
     finally:
         run.cleanup()
 
@@ -197,7 +197,7 @@ def calibrate(
     inside the model's folder, is refused before any work. Runs under any ``accelerate launch`` configuration; only
     the main process writes the file.
     """
-    with _checked_run(model, data, out, settings, accelerator, overwrite=overwrite, full=False) as run:
+    with _checked_run(model, data, out, settings, accelerator, overwrite=overwrite, full=False) as (run, claim):
         groups, count = compute_mask_fisher(
             run.model,
             run.loader,
@@ -211,7 +211,7 @@ def calibrate(
         )
     fisher = MaskFisher(groups=groups, shape=NodeShape.from_config(run.model.config), **_provenance(run, model, count))
     if run.accelerator.is_main_process:
-        save_mask_fisher(fisher, out)
+        save_mask_fisher(fisher, out, claim)
     run.accelerator.wait_for_everyone()
     return fisher
 
@@ -233,7 +233,9 @@ def calibrate_full(
     """
     # Eager attention is plain matmuls that vmap batches; SDPA has no batching rule on CPU and would be looped.
     options = {"attn_implementation": "eager"}
-    with _checked_run(model, data, out, settings, accelerator, overwrite=overwrite, full=True, **options) as run:
+    with _checked_run(model, data, out, settings, accelerator, overwrite=overwrite, full=True, **options) as (
+        run, claim
+    ):
         fisher, count = compute_full_fisher(
             run.model,
             run.loader,
@@ -248,6 +250,6 @@ def calibrate_full(
     metadata = {key: json.dumps(value, sort_keys=True) if key == "data" else str(value) for key, value in provenance.items()}
     metadata["model_type"] = run.model.config.model_type
     if run.accelerator.is_main_process:
-        save_full_fisher(fisher, run.model_dir, out, metadata)
+        save_full_fisher(fisher, run.model_dir, out, metadata, claim)
     run.accelerator.wait_for_everyone()
     return fisher, count

@@ -158,11 +158,13 @@ def load_rows(source: str):
         raise CalibrationDataError(f"Calibration data {source} is a folder; pass a data file or a datasets name.")
     if os.path.exists(source):
         return _load_file(source)
-    suffix = os.path.splitext(source)[1].lower()
-    if suffix in _BUILDERS or os.sep in source:
-        raise CalibrationDataError(f"Calibration data file {source} does not exist.")
     name, _, split = source.partition("@")
     name, _, config = name.partition(":")
+    # A Hub dataset is "name" or "org/name"; anything else that does not exist is a missing local file.
+    looks_local = (os.path.splitext(source)[1].lower() in _BUILDERS or source.startswith((".", "/", "~"))
+                   or name.count("/") > 1 or (os.sep != "/" and os.sep in source))
+    if looks_local:
+        raise CalibrationDataError(f"Calibration data file {source} does not exist.")
     try:
         return datasets.load_dataset(name, config or None, split=split or "train")
     except Exception as error:  # datasets raises many types for "not found" / "offline"

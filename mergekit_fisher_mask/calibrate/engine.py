@@ -109,7 +109,7 @@ def run_pass(
     Each batch is moved to ``device`` (the model's input device) and run under the mixed-precision setting.
     The ``batch`` estimator's sums are returned as they are (squared per batch and summed, as the authors do).
     """
-    show = progress and (accelerator is None or accelerator.is_local_main_process)
+    show = progress and (accelerator is None or accelerator.is_main_process)
     examples = 0
     with frozen(model, trainable=trainable):
         for batch in tqdm(dataloader, desc=description, unit="batch", disable=not show):

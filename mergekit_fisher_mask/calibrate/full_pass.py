@@ -5,7 +5,7 @@ one vectorised backward instead of a Python loop over examples. Only running sum
 memory is about the model plus ``chunk_size`` per-example gradients (``chunk_size x`` parameter bytes).
 
 transformers turns a 2D attention mask into 4D with code that vmap cannot trace, so each example gets a
-hand-built additive 4D mask (padding, plus causality for decoders).
+hand-built additive 4D mask (padding, plus causality for the families whose table entry is ``causal``).
 """
 
 from __future__ import annotations
@@ -37,10 +37,11 @@ def _additive_mask(attention_mask: torch.Tensor, causal: bool, dtype: torch.dtyp
     ]
 
 
-def _example_loss(model, task: Task, params, buffers, input_ids, attention_mask, weights, label) -> torch.Tensor:
-    """Loss of one example (vmapped): mean next-token CE for LMs, CE/MSE for classifiers."""
-    mask = _additive_mask(attention_mask, causal=task == Task.CAUSAL_LM, dtype=torch.float32)
-    inputs = {"input_ids": input_ids[None], "attention_mask": mask}
+def _example_loss(model, task: Task, causal: bool, params, buffers, inputs, weights, label) -> torch.Tensor:
+    """Loss of one example (vmapped): mean next-token CE for LMs, CE/MSE for classifiers. ``inputs`` holds the
+    example's model inputs, each (T,): ``input_ids``, its 0/1 ``attention_mask`` and e.g. ``token_type_ids``."""
+    mask = _additive_mask(inputs["attention_mask"], causal=causal, dtype=torch.float32)
+    inputs = {**{k: v[None] for k, v in inputs.items()}, "attention_mask": mask}  # (1, T) each; mask (1, 1, T, T)
     logits = functional_call(model, (params, buffers), (), inputs).logits.float()
     if task == Task.CAUSAL_LM:
         token_loss = F.cross_entropy(logits[0, :-1], label[1:], reduction="none")  # (T-1,)
@@ -60,25 +61,27 @@ class _FullStep:
         self.buffers = dict(model.named_buffers())
         self.sums = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in self.params.items()}
 
-        def loss(params, input_ids, attention_mask, weights, label):
-            return _example_loss(model, task, params, self.buffers, input_ids, attention_mask, weights, label)
+        causal = get_architecture(model.config.model_type).causal
 
-        self.per_example_grad = vmap(grad(loss), in_dims=(None, 0, 0, 0, 0))
+        def loss(params, inputs, weights, label):
+            return _example_loss(model, task, causal, params, self.buffers, inputs, weights, label)
+
+        self.per_example_grad = vmap(grad(loss), in_dims=(None, 0, 0, 0))
 
     def __call__(self, batch: Batch) -> None:
         if self.estimator == Estimator.BATCH:
             self._add_batch_square(batch)
             return
-        ids, mask = batch["input_ids"], batch["attention_mask"]
+        inputs = model_inputs(batch)  # input_ids, attention_mask and any other model input, each (B, T)
         weights = self._weights(batch)
         if self.estimator == Estimator.EXPECTED:
             with torch.no_grad():
-                probs = torch.softmax(self.model(**model_inputs(batch)).logits.float(), dim=-1)  # (B, C)
+                probs = torch.softmax(self.model(**inputs).logits.float(), dim=-1)  # (B, C)
             for label in range(probs.shape[-1]):
-                targets = torch.full((ids.shape[0],), label, dtype=torch.long, device=ids.device)
-                self._add_squares(ids, mask, weights, targets, probs[:, label])
+                targets = torch.full((probs.shape[0],), label, dtype=torch.long, device=probs.device)
+                self._add_squares(inputs, weights, targets, probs[:, label])
             return
-        self._add_squares(ids, mask, weights, self._labels(batch), None)
+        self._add_squares(inputs, weights, self._labels(batch), None)
 
     def _weights(self, batch: Batch) -> torch.Tensor:
         """Per-token target weights (B, T-1) for LMs; a placeholder (B,) for classifiers."""
@@ -97,10 +100,11 @@ class _FullStep:
         # Position t predicts token t+1: shift the draws right so that label[t+1] is what position t produced.
         return torch.cat([batch["input_ids"][:, :1], draws[:, :-1]], dim=1)
 
-    def _add_squares(self, ids, mask, weights, labels, scale) -> None:
-        for start in range(0, ids.shape[0], self.chunk_size):
+    def _add_squares(self, inputs, weights, labels, scale) -> None:
+        for start in range(0, labels.shape[0], self.chunk_size):
             part = slice(start, start + self.chunk_size)
-            grads = self.per_example_grad(self.params, ids[part], mask[part], weights[part], labels[part])
+            chunk = {k: v[part] for k, v in inputs.items()}
+            grads = self.per_example_grad(self.params, chunk, weights[part], labels[part])
             for name, g in grads.items():  # g: (C, *shape)
                 squares = g.float() ** 2
                 if scale is not None:

@@ -58,14 +58,22 @@ def auto_micro_batch_size(
 
 def _micro_batches(batch: Batch, size: int):
     """Split a right-padded batch into micro-batches, each trimmed to its longest example (and longest target)."""
-    total = batch["input_ids"].shape[0]
+    total, width = batch["input_ids"].shape
+    mask = batch["attention_mask"]  # (B, T), 1 for real tokens
+    if bool((mask[:, 1:] > mask[:, :-1]).any()):  # a real token after a pad: left padding (or holes)
+        raise FisherMaskError(
+            "The calibration batches are not right-padded (an attention_mask row has a real token after padding). "
+            "Pad on the right (tokenizer.padding_side = 'right'): trimming and absolute positions assume it."
+        )
     for start in range(0, total, size):
         part = {key: value[start : start + size] for key, value in batch.items()}
         length = int(part["attention_mask"].sum(dim=1).max())
         if TARGETS in part:
             targets = part[TARGETS]
             part[TARGETS] = targets[:, : int((targets != IGNORE).sum(dim=1).max())]
-        yield {key: value[:, :length] if value.dim() == 2 and key != TARGETS else value for key, value in part.items()}
+        # Trim every (B, T) tensor that runs along the sequence (input_ids, attention_mask, token_type_ids, labels, ...).
+        yield {key: value[:, :length] if value.dim() == 2 and value.shape[1] == width and key != TARGETS else value
+               for key, value in part.items()}
 
 
 class _MaskStep:
@@ -137,7 +145,8 @@ def compute_mask_fisher(
     activation_budget_bytes: Optional[int] = None,
     aggregate=Aggregate.MEAN,
 ) -> Tuple[Dict[str, torch.Tensor], int]:
-    """Return ``({group key: Fisher}, N)``: float32 CPU tensors, summed over all processes.
+    """Return ``({group key: Fisher}, N)``: float32 CPU tensors, the mean over all N examples of every process (the
+    ``batch`` estimator: the sum over batches).
 
     Group keys are the mask-Fisher file's tensor names (``head_fisher`` (L, H), ``ffn_fisher`` (L, D),
     ``expert_fisher`` (L, E, I), ...; see :mod:`mergekit_fisher_mask.architectures`).
@@ -147,7 +156,8 @@ def compute_mask_fisher(
     example. The result does not depend on the split: per-example estimators sum per example, and ``batch`` sums
     the micro-batch gradients before squaring.
 
-    ``forward_fn(model, batch) -> (B,)`` overrides the per-example loss (empirical and batch estimators).
+    ``forward_fn(model, batch) -> (B,)`` overrides the per-example loss (empirical and batch estimators). Batches
+    must be right-padded (a left-padded ``attention_mask`` is refused).
     A model dispatched by a device map (``from_pretrained(device_map=...)``) works as it is: masks and sums live on
     each layer's execution device, and offloaded or spread models run their layers under activation checkpointing.
     Parameters are frozen for the pass and restored.

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..architectures import ArchitectureSpec, Kind, NodeShape, NodeSite, Stack
+from ..errors import FisherMaskError
 
 
 @dataclass(frozen=True)
@@ -118,7 +119,10 @@ class MaskNodes:
                 layers = layer_modules(self.model, stack)
                 expected = self.shape.num_decoder_layers if stack.decoder else self.shape.num_layers
                 if len(layers) != expected:
-                    raise RuntimeError(f"found {len(layers)} layers at {stack.layers!r}, config says {expected}")
+                    raise FisherMaskError(
+                        f"{type(self.model).__name__} has {len(layers)} layers at {stack.layers!r}, but its config "
+                        f"says {expected}. Calibrate the model as saved, with its own config.json."
+                    )
                 for group, node_site in stack.sites.items():
                     key = stack.key(group)
                     for index, layer in enumerate(layers):
@@ -162,5 +166,8 @@ class MaskNodes:
         """(site, mask) for every site of the current micro-batch, in table order."""
         missing = [site for site in self.sites if site not in self.masks]
         if missing:
-            raise RuntimeError(f"the mask of {missing[0].key} layer {missing[0].layer} never ran; is the table right?")
+            raise FisherMaskError(
+                f"The forward pass never reached the {missing[0].key} mask of layer {missing[0].layer}. A custom "
+                "forward_fn must run every layer of the model (no early exit, no layer skipping)."
+            )
         return [(site, self.masks[site]) for site in self.sites]

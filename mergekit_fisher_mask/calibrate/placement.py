@@ -71,10 +71,25 @@ class Placement:
     def activation_budget(self) -> int:
         """Bytes of saved activations one micro-batch may hold: a share of the memory really free on the tightest
         execution GPU, or a fixed budget on a CPU."""
-        gpus = [d for d in self.execution_devices or (self.input_device,) if d.type == "cuda"]
-        if not gpus:
+        devices = [d for d in self.execution_devices or (self.input_device,) if d.type not in ("cpu", "meta")]
+        free = [free_memory(d) for d in devices]
+        if not devices or None in free:
             return CPU_ACTIVATION_BUDGET
-        return int(GPU_FREE_FRACTION * min(torch.cuda.mem_get_info(d)[0] for d in gpus))
+        return int(GPU_FREE_FRACTION * min(free))
+
+
+def accelerator_type() -> Optional[str]:
+    """The kind of accelerator torch finds (CUDA, XPU, MPS, ...), or None on a machine without one."""
+    current = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    return current.type if current is not None else None
+
+
+def free_memory(device: torch.device) -> Optional[int]:
+    """Bytes free on an accelerator device, or None where its backend cannot tell."""
+    try:
+        return int(torch.accelerator.get_memory_info(device)[0])
+    except (RuntimeError, NotImplementedError, AttributeError):
+        return None
 
 
 _GLIBC_M_MMAP_THRESHOLD = -3
@@ -103,7 +118,7 @@ def execution_device(module: torch.nn.Module) -> torch.device:
     for candidate in [hook] + list(getattr(hook, "hooks", [])):
         device = getattr(candidate, "execution_device", None)
         if device is not None:
-            return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
+            return torch.device(accelerator_type(), device) if isinstance(device, int) else torch.device(device)
     parameter = next(module.parameters(), None)
     return parameter.device if parameter is not None else torch.device("cpu")
 
@@ -112,7 +127,7 @@ def _process_max_memory(settings: CalibrationSettings, accelerator) -> Optional[
     """``max_memory`` for this process: with several processes on a node, each gets an even share of the GPUs."""
     local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes if accelerator else 1))
     user = dict(settings.max_memory or {})
-    gpus = torch.cuda.device_count()
+    gpus = torch.accelerator.device_count()
     if local_processes <= 1 or gpus == 0:
         return user or None
     per_process = gpus // local_processes
@@ -123,9 +138,12 @@ def _process_max_memory(settings: CalibrationSettings, accelerator) -> Optional[
         )
     rank = accelerator.local_process_index
     mine = range(rank * per_process, (rank + 1) * per_process)
-    memory: Dict[Union[int, str], Union[int, str]] = {
-        gpu: user.get(gpu, int(0.9 * torch.cuda.mem_get_info(gpu)[0])) for gpu in mine
-    }
+    memory: Dict[Union[int, str], Union[int, str]] = {}
+    for gpu in mine:
+        free = user.get(gpu) or free_memory(torch.device(accelerator_type(), gpu))
+        if free is None:
+            raise SettingsError(f"The free memory of device {gpu} is unknown here; give it with --max-memory {gpu}=SIZE.")
+        memory[gpu] = user.get(gpu, int(0.9 * free))
     memory.update({key: value for key, value in user.items() if not isinstance(key, int)})
     return memory
 

@@ -7,8 +7,9 @@ does, plus ``l2_norm``). The folder is written under a hidden name and renamed i
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
-from typing import Dict, Union
+from typing import Dict, Optional, Union
 
 import torch
 from safetensors import safe_open
@@ -16,7 +17,7 @@ from safetensors.torch import save_file
 
 from ..checkpoints import shard_map
 from ..errors import FisherFileError
-from ..outputs import publish, staged_folder
+from ..outputs import OutputClaim, publish, staged_folder
 
 FULL_FORMAT = "mergekit-fisher-mask/full"
 FULL_FORMAT_VERSION = 1
@@ -24,11 +25,13 @@ INDEX_NAME = "fisher.safetensors.index.json"
 
 
 def save_full_fisher(
-    fisher: Dict[str, torch.Tensor], model_dir: Path, out_dir: Union[str, Path], metadata: Dict[str, str]
+    fisher: Dict[str, torch.Tensor], model_dir: Path, out_dir: Union[str, Path], metadata: Dict[str, str],
+    claim: Optional[OutputClaim] = None,
 ) -> Path:
     """Write Fisher tensors under the model's own names, sharded like the model, plus an index with metadata.
 
-    The caller decides whether ``out_dir`` may be replaced (see :func:`mergekit_fisher_mask.outputs.check_replaceable`).
+    The caller decides whether ``out_dir`` may be replaced (:func:`mergekit_fisher_mask.outputs.check_replaceable`);
+    its ``claim`` is checked again right before the folder is moved into place.
     """
     shard_of = shard_map(Path(model_dir))  # tensor name -> the model's weight file that holds it
     shards = sorted(set(shard_of.values())) or ["model"]
@@ -46,16 +49,19 @@ def save_full_fisher(
                 weight_map.update({name: file for name in tensors})
         index = {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
         (staging / INDEX_NAME).write_text(json.dumps(index, indent=2))
-        publish(staging, out_dir)
+        publish(staging, out_dir, claim)
     return Path(out_dir)
 
 
 def is_full_fisher_dir(path: Union[str, Path]) -> bool:
-    """Whether ``path`` is a full-Fisher folder written by this tool (its index names our format)."""
+    """Whether ``path`` is a full-Fisher folder written by this tool: its index names our format, and the folder holds
+    nothing but the index and the shards it lists (a file the user added makes it theirs too)."""
     index = Path(path) / INDEX_NAME
     try:
-        return json.loads(index.read_text())["metadata"]["format"] == FULL_FORMAT
-    except (OSError, ValueError, KeyError, TypeError):
+        content = json.loads(index.read_text())
+        written = {INDEX_NAME, *content["weight_map"].values()}
+        return content["metadata"]["format"] == FULL_FORMAT and {p.name for p in Path(path).iterdir()} <= written
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
 
@@ -83,7 +89,15 @@ class FullFisherReader:
                 f"{FULL_FORMAT_VERSION}. Re-run `mergekit-fisher calibrate --full`."
             )
         self.folder = index_path.parent
-        self.l2_norm = float(self.metadata.get("l2_norm", "nan"))
+        try:
+            self.l2_norm = float(self.metadata["l2_norm"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise FisherFileError(f"{index_path}: metadata l2_norm is missing or not a number ({error!r}).") from error
+        if not math.isfinite(self.l2_norm) or self.l2_norm <= 0:
+            raise FisherFileError(
+                f"{index_path}: metadata l2_norm is {self.l2_norm}; a Fisher with data in it has a finite, positive "
+                "norm. Re-run `mergekit-fisher calibrate --full`."
+            )
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
@@ -97,4 +111,6 @@ class FullFisherReader:
             raise FisherFileError(f"{file}: cannot read Fisher tensor {name} ({error}).") from error
         if not torch.isfinite(tensor).all():
             raise FisherFileError(f"{file}: Fisher tensor {name} contains NaN or inf.")
+        if (tensor < 0).any():
+            raise FisherFileError(f"{file}: Fisher tensor {name} has negative values; a Fisher is a sum of squares.")
         return tensor

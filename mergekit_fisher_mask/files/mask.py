@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 
 from ..architectures import NodeShape
 from ..errors import FisherFileError, UnsupportedArchitectureError
-from ..outputs import staged_file
+from ..outputs import OutputClaim, staged_file
 
 FORMAT = "mergekit-fisher-mask/mask"
 FORMAT_VERSION = 2
@@ -91,14 +91,15 @@ class MaskFisher:
         return meta
 
 
-def save_mask_fisher(fisher: MaskFisher, path: Union[str, os.PathLike]) -> Path:
+def save_mask_fisher(fisher: MaskFisher, path: Union[str, os.PathLike], claim: Optional[OutputClaim] = None) -> Path:
     """Validate and write atomically (a crash never leaves a half-written file under ``path``).
 
-    The caller decides whether ``path`` may be replaced (see :func:`mergekit_fisher_mask.outputs.check_replaceable`).
+    The caller decides whether ``path`` may be replaced (:func:`mergekit_fisher_mask.outputs.check_replaceable`); its
+    ``claim`` is checked again right before the file is moved into place.
     """
     _check_tensors(fisher.groups, fisher.shape, where=str(path))
     tensors = {key: value.float().contiguous() for key, value in fisher.groups.items()}
-    with staged_file(path) as staging:
+    with staged_file(path, claim) as staging:
         save_file(tensors, str(staging), metadata=fisher.metadata())
     return Path(path)
 

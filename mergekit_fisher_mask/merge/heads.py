@@ -18,9 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..architectures import ArchitectureSpec
-from ..checkpoints import iter_tensor_headers
-
-INDEX = "model.safetensors.index.json"
+from ..checkpoints import SAFETENSORS_INDEX, iter_tensor_headers
 
 
 def task_head_tensors(spec: ArchitectureSpec, model_dir: Path) -> Dict[str, Tuple[int, ...]]:
@@ -111,12 +109,12 @@ def copy_task_head(base_dir: Path, out_dir: Path, names: List[str], dtype: Optio
     weight_map = {name: renamed[shard] for name, shard in weight_map.items()}
     weight_map.update({name: head_file for name in tensors})
     size = sum((out_dir / shard).stat().st_size for shard in set(weight_map.values()))
-    with open(out_dir / INDEX, "w", encoding="utf-8") as handle:
+    with open(out_dir / SAFETENSORS_INDEX, "w", encoding="utf-8") as handle:
         json.dump({"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}, handle, indent=2)
 
 
 def _weight_map(out_dir: Path) -> Dict[str, str]:
-    index = out_dir / INDEX
+    index = out_dir / SAFETENSORS_INDEX
     if index.is_file():
         with open(index, encoding="utf-8") as handle:
             return json.load(handle)["weight_map"]

@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import enum
 import hashlib
-from typing import List, Sequence, Union
+from typing import List, Sequence
 
 import torch
 
-Weight = Union[torch.Tensor, float]
+from .expand import Weight
 
 
 class Sparsify(str, enum.Enum):
@@ -62,23 +62,29 @@ def merge_task_vectors(
     deltas: List[torch.Tensor] = []
     for index, (tensor, weight) in enumerate(zip(tensors, weights)):
         delta = tensor.to(dtype) - base.to(dtype)
-        mask = trim_mask(delta, weight, method, density, seed=seed + index)
-        delta = delta * mask
+        delta.mul_(trim_mask(delta, weight, method, density, seed=seed + index))
         if method == Sparsify.DARE:
-            delta /= density
+            delta.div_(density)
         deltas.append(delta)
     full = [w.to(device=base.device, dtype=dtype) if isinstance(w, torch.Tensor) else float(w) for w in weights]
     if consensus:
-        mass = sum(w * d for w, d in zip(full, deltas))
+        mass = torch.zeros_like(deltas[0])
+        for w, d in zip(full, deltas):
+            if isinstance(w, torch.Tensor):
+                mass.addcmul_(d, w)
+            else:
+                mass.add_(d, alpha=w)
         elected = torch.sign(mass)
+        del mass
         masks = [(torch.sign(d) == elected) & (d != 0) for d in deltas]
     else:
         masks = [d != 0 for d in deltas]
     numerator = torch.zeros_like(deltas[0])
     denominator = torch.zeros_like(deltas[0])
     for weight, delta, mask in zip(full, deltas, masks):
-        kept = mask.to(dtype) * weight  # (broadcast) weight where kept, 0 elsewhere
+        kept = mask.to(dtype).mul_(weight)  # (broadcast) weight where kept, 0 elsewhere
         numerator.addcmul_(delta, kept)
         denominator.add_(kept)
-    merged = torch.where(denominator > 0, numerator / denominator.clamp_min(torch.finfo(dtype).tiny), 0.0)
-    return (base.to(dtype) + merged).to(base.dtype)
+    # Where no model keeps an entry, the numerator is exactly 0 too, so 0 / tiny = 0 there.
+    merged = numerator.div_(denominator.clamp_min_(torch.finfo(dtype).tiny))
+    return merged.add_(base.to(dtype)).to(base.dtype)
