@@ -69,6 +69,8 @@ def merge(merge_options: MergeOptions, config_file, out_path, overwrite, heads, 
     """Run a mergekit YAML recipe (any merge method, including fisher_mask) and write the model to OUT_PATH."""
     from .hub import push_folder, require_token
 
+    if private and not push_to_hub:
+        raise FisherMaskError("--private applies to --push-to-hub ORG/NAME; give both, or neither.")
     token = require_token() if push_to_hub else None  # before any work: a missing token must not waste a merge
     merge_options.apply_global_options()
     verbosity = merge_options.verbosity
@@ -105,7 +107,8 @@ def inspect(files, plot, overwrite, top_k, normalize) -> None:
 
     claim = None
     if plot:  # refused before any work: never over an input, and only ever over a PNG, with --overwrite
-        check_no_overlap(plot, {f"the input {f}": Path(f) for f in files}, option="--plot")
+        for file in files:
+            check_no_overlap(plot, {"the input": Path(file)}, option="--plot")
         claim = check_replaceable(plot, overwrite=overwrite, is_ours=is_png, what="a PNG image", folder=False,
                                   option="--plot")
     for report in describe(files, top_k).values():

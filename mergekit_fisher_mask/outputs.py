@@ -31,7 +31,8 @@ _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 def _resolved(path) -> Path:
-    return Path(os.path.abspath(os.path.expanduser(str(path))))
+    """The absolute path with every symbolic link resolved, so that no alias of an input looks like another path."""
+    return Path(os.path.realpath(os.path.expanduser(str(path))))
 
 
 def check_no_overlap(out, inputs: Mapping[str, Path], *, option: str = "output") -> None:
@@ -85,6 +86,9 @@ def check_replaceable(
     """
     path = Path(out)
     claim = OutputClaim(path, overwrite, is_ours, what, folder, option)
+    parent = next((p for p in _resolved(path).parents if os.path.lexists(p)), None)
+    if parent is not None and not parent.is_dir():
+        raise OutputPathError(f"The {option} {path} cannot be created: {parent} is a file, not a folder.")
     if not os.path.lexists(path):
         return claim
     if path.is_symlink():

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -63,16 +64,26 @@ def _written_files(folder: Path) -> List[str]:
     return sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if not p.is_dir())
 
 
+# What a merge of a version before the marker's file list wrote: mergekit's weights, index, config and card, the
+# tokenizer's files, and ours. Only files named like these, at the top of the folder, count as that merge's.
+_LEGACY_OUTPUT = re.compile(
+    r"(?:model(?:-\d{5}-of-\d{5})?\.safetensors|pytorch_model(?:-\d{5}-of-\d{5})?\.bin|"
+    r"(?:model\.safetensors|pytorch_model\.bin)\.index\.json|config\.json|generation_config\.json|"
+    r"tokenizer(?:_config)?\.json|tokenizer\.model|special_tokens_map\.json|added_tokens\.json|vocab\.(?:json|txt)|"
+    r"merges\.txt|spiece\.model|sentencepiece\.bpe\.model|chat_template\.(?:jinja|json)|README\.md|"
+    r"mergekit_config\.yml)"
+)
+
+
 def foreign_files(folder: Path) -> List[str]:
-    """Files in a merge output that the merge did not write (the marker lists what it wrote); all files if the
-    folder has no marker. A marker of an older version, without the list, vouches for the whole folder."""
+    """Files in a merge output that the merge did not write: those its marker does not list (a marker of an older
+    version, without the list: those not named as a merge names its files); every file if there is no marker."""
     try:
         written = json.loads((Path(folder) / MARKER).read_text()).get("files")
     except (OSError, ValueError, AttributeError):
         return _written_files(folder)
-    if written is None:
-        return []
-    return [name for name in _written_files(folder) if name not in set(written) | {MARKER}]
+    ours = (lambda name: name in written) if isinstance(written, list) else _LEGACY_OUTPUT.fullmatch
+    return [name for name in _written_files(folder) if name != MARKER and not ours(name)]
 
 
 def is_merge_output(folder: Path) -> bool:
@@ -288,12 +299,11 @@ def run_fisher_merge(
         _check_slices(recipe)
         spec = get_architecture(base.config.model_type, where=f"base model {base.reference}")
     merge_config = recipe.merge_configuration()  # validate before the (slow) calibration
+    head_names = _heads_from_base(spec, recipe, inputs, base, heads, merge_config, merge_options) if spec else []
     if plugin:
         recipe = run_calibrations(recipe, inputs, cache_dir, progress=not merge_options.quiet)
         provenance = _check_fishers(recipe, inputs, verify_fingerprint)
         merge_config = recipe.merge_configuration()  # now with the calibrated `fisher` paths
-
-    head_names = _heads_from_base(spec, recipe, inputs, base, heads, merge_config, merge_options) if spec else []
     options = merge_options.model_copy(
         update={
             "write_model_card": False,  # ours is written below; mergekit's calls the Hub for local paths
@@ -331,7 +341,15 @@ def _heads_from_base(
             f"{base.config.architectures[0]}, so they cannot be merged. Use --heads auto or base to take them from "
             "base_model."
         )
-    if policy == "merge" or policy == "auto" and not unplanned and all(heads == merged[0] for heads in merged):
+    same_shapes = all(heads == merged[0] for heads in merged)
+    if policy == "merge" and not same_shapes:
+        shapes = "; ".join(f"{reference}: " + ", ".join(f"{name} {tuple(shape)}" for name, shape in sorted(heads.items()))
+                           for reference, heads in zip(recipe.model_references(), merged))
+        raise RecipeError(
+            f"{recipe.path}: --heads merge needs task heads of one shape, and these differ ({shapes}). Use --heads "
+            "auto or base to take the head from base_model."
+        )
+    if policy == "merge" or policy == "auto" and not unplanned and same_shapes:
         return []
     if unplanned and policy == "auto":
         LOG.warning("mergekit 0.1.5 does not plan %s; taking them from base model %s.", ", ".join(unplanned),

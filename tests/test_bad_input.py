@@ -203,6 +203,27 @@ def test_recipe_setting_values(model_zoo, text_data, tmp_path, value, match):
         load_recipe(str(recipe))
 
 
+@pytest.mark.parametrize("parameters, top, match", [
+    ({"weight": -1}, {}, r"model '.*': parameters: weight: Input should be greater than or equal to 0, got -1\.$"),
+    ({}, {"parameters": {"density": 1.5}}, r"parameters: density: Input should be less than or equal to 1, got 1\.5\.$"),
+    ({}, {"parameters": {"scheme": "bogus"}}, r"scheme: .*got 'bogus'\.$"),
+    ({}, {"dtype": "float99"}, r"dtype: unknown dtype 'float99'; use float32, bfloat16 or float16\.$"),
+    ({}, {"out_dtype": 5}, r"out_dtype: unknown dtype 5"),
+])
+def test_recipe_values_are_one_clear_line(model_zoo, tmp_path, parameters, top, match):
+    from mergekit_fisher_mask.merge.recipe import load_recipe
+
+    models = [model_zoo("bert", seed=s) for s in (1, 2)]
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(yaml.safe_dump({
+        "merge_method": "fisher_mask", "base_model": str(models[0]), **top,
+        "models": [{"model": str(m), "parameters": {"fisher": "f.safetensors", **parameters}} for m in models],
+    }))
+    with pytest.raises(RecipeError, match=match) as raised:
+        load_recipe(str(recipe)).merge_configuration()
+    assert "\n" not in str(raised.value) and "pydantic.dev" not in str(raised.value)
+
+
 @pytest.mark.parametrize("estimator", ["sampled", "expected"])
 def test_label_free_estimators_refuse_regressors_in_both_passes(estimator, model_zoo, text_data, tmp_path):
     model = str(model_zoo("bert", num_labels=1))

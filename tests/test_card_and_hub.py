@@ -117,3 +117,9 @@ def test_private_push_into_an_existing_public_repo_uploads_nothing(recipe_file, 
                                        "--fisher-cache", str(tmp_path / "c")])
     assert result.exit_code != 0 and "already exists and is public" in str(result.exception)
     assert not [c for c in calls if c[0] == "upload"] and (out / "fisher_merge.json").is_file()
+
+
+def test_private_without_push_to_hub_is_refused(recipe_file, tmp_path, monkeypatch):
+    monkeypatch.setattr("mergekit_fisher_mask.cli.run_fisher_merge", lambda *a, **k: pytest.fail("merged anyway"))
+    result = CliRunner().invoke(main, ["merge", str(recipe_file), str(tmp_path / "out"), "--private"])
+    assert result.exit_code != 0 and "--private applies to --push-to-hub" in str(result.exception)

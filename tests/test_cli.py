@@ -15,10 +15,13 @@ import yaml
 from click.testing import CliRunner
 from conftest import ARCHS, data_for, random_text, task_of_arch, write_jsonl
 from mergekit.merge_methods import merge_state_dicts
+from mergekit.options import MergeOptions
 from safetensors.torch import load_file
 
 from mergekit_fisher_mask import FISHER_MASK
 from mergekit_fisher_mask.cli import main
+from mergekit_fisher_mask.errors import RecipeError
+from mergekit_fisher_mask.pipeline import run_fisher_merge
 
 
 def invoke(*args):
@@ -121,6 +124,15 @@ def test_classifiers_with_different_num_labels_take_head_from_base(model_zoo, tm
     finally:
         pipeline.calibrate_mask = original
     assert stamps == {p: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}
+
+    # --heads merge cannot merge heads of two shapes: refused before any calibration, with the shapes named.
+    pipeline.calibrate_mask = fail
+    try:
+        with pytest.raises(RecipeError, match=r"--heads merge needs task heads of one shape.*\(3, 32\).*\(2, 32\)"):
+            run_fisher_merge(str(recipe), str(tmp_path / "other"), MergeOptions(quiet=True), heads="merge",
+                             cache_dir=tmp_path / "empty-cache")
+    finally:
+        pipeline.calibrate_mask = original
 
 
 def test_no_base_model_uses_first_and_says_so(model_zoo, text_data, tmp_path, caplog):

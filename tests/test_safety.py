@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -247,3 +248,43 @@ def test_merge_refuses_before_calibrating(model_zoo, text_data, tmp_path, monkey
     }))
     mine = user_folder(tmp_path / "mine")
     refused(tmp_path, mine, lambda: run_fisher_merge(str(recipe), str(mine), OPTIONS, overwrite=True), "did not write")
+
+
+def test_a_symlinked_alias_of_an_input_is_refused(setup, text_data, tmp_path):
+    models, _, recipe = setup
+    (tmp_path / "alias").symlink_to(tmp_path, target_is_directory=True)
+    for out, match in ((tmp_path / "alias" / "models" / "m2", "is input model"),
+                       (tmp_path / "alias" / "models" / "m1" / "merged", "lies inside input model")):
+        refused(tmp_path, models[0].parent, lambda: run_fisher_merge(str(recipe), str(out), OPTIONS, overwrite=True),
+                match)
+    out = tmp_path / "alias" / "models" / "m1" / "new.safetensors"
+    refused(tmp_path, models[0], lambda: calibrate(str(models[0]), str(text_data), out, SETTINGS), "lies inside")
+
+
+@pytest.mark.parametrize("marker", ["{}", '{"method": "fisher_mask"}'])
+def test_a_marker_without_a_file_list_vouches_only_for_merge_files(setup, tmp_path, marker):
+    """A merge folder of an older version (its marker lists no files) may hold only what a merge writes."""
+    _, _, recipe = setup
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / MARKER).write_text(marker)
+    (out / "model.safetensors").write_bytes(b"old weights")
+    (out / "thesis.txt").write_text("four years of work")
+    merge = lambda: run_fisher_merge(str(recipe), str(out), OPTIONS, overwrite=True)  # noqa: E731
+    refused(tmp_path, out, merge, r"holds a previous merge plus files this tool did not write \(thesis\.txt\)")
+    (out / "thesis.txt").unlink()
+    run_fisher_merge(str(recipe), str(out), OPTIONS, overwrite=True)
+    assert json.loads((out / MARKER).read_text())["files"]
+
+
+def test_an_output_under_a_file_is_refused_before_any_work(setup, text_data, tmp_path, monkeypatch):
+    import importlib
+
+    api = importlib.import_module("mergekit_fisher_mask.calibrate.api")  # the package's `calibrate` is the function
+    models, _, recipe = setup
+    (tmp_path / "afile.txt").write_text("mine")
+    monkeypatch.setattr(api, "prepare_calibration", lambda *a, **k: pytest.fail("worked before refusing"))
+    refused(tmp_path, tmp_path / "afile.txt", lambda: calibrate(str(models[0]), str(text_data),
+                                                                 tmp_path / "afile.txt" / "x.safetensors"), "is a file")
+    refused(tmp_path, tmp_path / "afile.txt",
+            lambda: run_fisher_merge(str(recipe), str(tmp_path / "afile.txt" / "x"), OPTIONS), "is a file")

@@ -24,8 +24,8 @@ def check_estimator(estimator: Estimator, task: Task) -> None:
     """Refuse an estimator that has no meaning for the model's task, before any work."""
     if task == Task.REGRESSION and not estimator.uses_labels:
         raise FisherMaskError(
-            f"The {estimator.value} estimator draws labels from a classifier's predicted distribution; this model is "
-            "a regressor (num_labels=1). Use --estimator empirical or batch."
+            f"The {estimator.value} estimator uses a classifier's predicted distribution over labels (drawing from it, "
+            "or summing over it); this model is a regressor (num_labels=1). Use --estimator empirical or batch."
         )
     if task == Task.QUESTION_ANSWERING and not estimator.uses_labels:
         raise FisherMaskError(

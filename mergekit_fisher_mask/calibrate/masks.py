@@ -36,8 +36,9 @@ class _Site:
     width: Tuple[int, ...]  # (H,), (D,) or (E, I)
 
 
-class _HeadMaskHook:
-    """Scale each head's slice of the attention output projection's input by its mask."""
+class _MaskHook:
+    """Scale the input of a node group's projection by the mask: each head's ``head_dim`` slice of the attention
+    output projection's input, or each channel of the FFN down projection's input."""
 
     def __init__(self, nodes: "MaskNodes", site: _Site):
         self.nodes, self.site = nodes, site
@@ -46,25 +47,11 @@ class _HeadMaskHook:
         if self.nodes.batch_size is None:
             return None
         x, *rest = args
-        heads = self.site.width[0]
-        mask = self.nodes.mask(self.site, x.device).to(x.dtype)  # (B, H)
-        viewed = x.reshape(self.nodes.batch_size, -1, heads, x.shape[-1] // heads)  # (B, T, H, d)
+        count = self.site.width[0]  # H heads or D neurons
+        mask = self.nodes.mask(self.site, x.device).to(x.dtype)  # (B, N)
+        # (B, T, N, d) with d = head_dim for heads and 1 for neurons; also for flattened (B*T, ...) inputs
+        viewed = x.reshape(self.nodes.batch_size, -1, count, x.shape[-1] // count)
         return ((viewed * mask[:, None, :, None]).reshape(x.shape), *rest)
-
-
-class _NeuronMaskHook:
-    """Scale each channel of the FFN down projection's input by its mask."""
-
-    def __init__(self, nodes: "MaskNodes", site: _Site):
-        self.nodes, self.site = nodes, site
-
-    def __call__(self, module: nn.Module, args: tuple) -> Optional[tuple]:
-        if self.nodes.batch_size is None:
-            return None
-        x, *rest = args
-        mask = self.nodes.mask(self.site, x.device).to(x.dtype)  # (B, D)
-        viewed = x.reshape(self.nodes.batch_size, -1, x.shape[-1])  # (B, T, D): also for flattened (B*T, D) inputs
-        return ((viewed * mask[:, None, :]).reshape(x.shape), *rest)
 
 
 def _masked_experts_forward(nodes: "MaskNodes", site: _Site):
@@ -141,7 +128,7 @@ class MaskNodes:
             module.forward = types.MethodType(_masked_experts_forward(self, site), module)
             self._undo.append(lambda: setattr(module, "forward", previous) if own else delattr(module, "forward"))
             return
-        hook = _HeadMaskHook(self, site) if site.site.kind == Kind.HEADS else _NeuronMaskHook(self, site)
+        hook = _MaskHook(self, site)
         self._undo.append(module.register_forward_pre_hook(hook).remove)
 
     def __exit__(self, *_exc_info) -> None:

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import yaml
 from mergekit.config import MergeConfiguration
+from pydantic import ValidationError
 
 from ..errors import RecipeError, SettingsError
 from ..settings import CalibrationSettings, make_settings
@@ -90,9 +91,24 @@ class Recipe:
         return replace(self, _config={**self.config, "base_model": reference})
 
     def merge_configuration(self) -> MergeConfiguration:
+        from mergekit.common import dtype_from_name
+
+        for key in ("dtype", "out_dtype"):
+            value = self.config.get(key)
+            try:
+                if value is not None:
+                    dtype_from_name(value)
+            except (RuntimeError, TypeError, AttributeError):
+                raise RecipeError(f"{self.path}: {key}: unknown dtype {value!r}; use float32, bfloat16 or float16.") from None
         try:
             return MergeConfiguration.model_validate(self.config)
-        except Exception as error:  # pydantic's ValidationError, or mergekit's RuntimeError from validators
+        except ValidationError as error:
+            problems = "; ".join(
+                f"{'.'.join(str(part) for part in item['loc'])}: {item['msg'].removeprefix('Value error, ')}"
+                for item in error.errors()
+            )
+            raise RecipeError(f"{self.path}: not a valid mergekit recipe: {problems}.") from None
+        except Exception as error:  # mergekit's own validators raise plain exceptions
             raise RecipeError(f"{self.path}: not a valid mergekit recipe: {error}") from error
 
 
@@ -158,8 +174,11 @@ def _check_values(parameters: Mapping[str, Any], specs: dict, where: str) -> Non
         if name in specs and isinstance(value, (bool, int, float, str)):
             try:
                 specs[name].validate(value)
-            except Exception as error:  # pydantic.ValidationError
-                raise RecipeError(f"{where}: invalid value {value!r} for {name!r}: {error}") from error
+            except ValidationError as error:
+                messages = "; ".join(item["msg"].removeprefix("Value error, ") for item in error.errors())
+                raise RecipeError(f"{where}: {name}: {messages}, got {value!r}.") from None
+            except Exception as error:  # mergekit's own validators raise plain exceptions
+                raise RecipeError(f"{where}: {name}: {error}, got {value!r}.") from None
 
 
 def _check_duplicates(groups: List[Tuple[str, List[str]]], base_dir: str) -> None:
