@@ -133,6 +133,7 @@ class ConfigKeys:
     """Which config attributes give the node layout (None: the family has no such thing)."""
 
     ffn: Optional[str] = "intermediate_size"  # neurons of the ``ffn`` group
+    ffn_multiple: Optional[int] = None  # the ``ffn`` key unset means this many times hidden_size (GPT-2's n_inner)
     experts: Optional[str] = None  # routed experts per layer
     expert_ffn: Optional[str] = None  # neurons per expert
     decoder_layers: Optional[str] = None  # layers of a decoder stack
@@ -467,6 +468,7 @@ ARCHITECTURES: Mapping[str, ArchitectureSpec] = {
         embedding_pattern=_PREFIX + r"(?:wte|wpe)\.weight",
         task_head_pattern=_DECODER_HEADS,
         positions=Positions.ABSOLUTE,
+        keys=ConfigKeys(ffn="n_inner", ffn_multiple=4),
     ),
     "mixtral": _moe("Mixtral", _MOE_TENSORS, ConfigKeys(ffn=None, experts="num_local_experts",
                                                         expert_ffn="intermediate_size")),
@@ -530,7 +532,11 @@ class NodeShape:
         heads = config.num_attention_heads
         ffn = getattr(config, keys.ffn, None) if keys.ffn else 0
         if keys.ffn and not ffn:
-            ffn = getattr(config, "n_inner", None) or 4 * hidden  # GPT-2 leaves n_inner unset to mean 4 * hidden
+            if not keys.ffn_multiple:
+                raise UnsupportedArchitectureError(
+                    f"{where}: its {spec.name} config has no {keys.ffn}, which gives the number of FFN neurons."
+                )
+            ffn = keys.ffn_multiple * hidden
         return cls(
             model_type=config.model_type,
             num_layers=config.num_hidden_layers,

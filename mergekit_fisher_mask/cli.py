@@ -66,7 +66,11 @@ def calibrate(model, data, out, full, overwrite, settings: CalibrationSettings, 
 @add_merge_options
 def merge(merge_options: MergeOptions, config_file, out_path, overwrite, heads, verify_fingerprint, fisher_cache,
           push_to_hub, private) -> None:
-    """Run a mergekit YAML recipe (any merge method, including fisher_mask) and write the model to OUT_PATH."""
+    """Run the mergekit YAML recipe CONFIG_FILE (any merge method, including fisher_mask and fisher) and write the
+    merged model to the folder OUT_PATH.
+
+    Model paths in the recipe are relative to the current folder (as for mergekit-yaml); `fisher` and
+    `calibration_data` paths are relative to the recipe's folder."""
     from .hub import push_folder, require_token
 
     if private and not push_to_hub:

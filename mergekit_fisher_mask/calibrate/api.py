@@ -168,6 +168,27 @@ def _checked_run(model, data, out, settings: SettingsLike, accelerator, *, overw
         run.cleanup()
 
 
+@contextlib.contextmanager
+def _library_progress(show: bool):
+    """Hide the progress bars of transformers (weight loading) and datasets (reading the data) when ours are off;
+    their global switches are restored afterwards."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    switches = [(hf_logging.is_progress_bar_enabled, hf_logging.disable_progress_bar, hf_logging.enable_progress_bar),
+                (datasets.is_progress_bar_enabled, datasets.disable_progress_bars, datasets.enable_progress_bars)]
+    hidden = []
+    for enabled, disable, enable in switches:
+        if not show and enabled():
+            disable()
+            hidden.append(enable)
+    try:
+        yield
+    finally:
+        for enable in hidden:
+            enable()
+
+
 def _provenance(run: PreparedCalibration, model, count: int) -> Dict[str, Any]:
     """What both Fisher formats record about where a Fisher came from."""
     return {
@@ -197,7 +218,8 @@ def calibrate(
     inside the model's folder, is refused before any work. Runs under any ``accelerate launch`` configuration; only
     the main process writes the file.
     """
-    with _checked_run(model, data, out, settings, accelerator, overwrite=overwrite, full=False) as (run, claim):
+    with _library_progress(progress), _checked_run(model, data, out, settings, accelerator, overwrite=overwrite,
+                                                        full=False) as (run, claim):
         groups, count = compute_mask_fisher(
             run.model,
             run.loader,
@@ -233,9 +255,8 @@ def calibrate_full(
     """
     # Eager attention is plain matmuls that vmap batches; SDPA has no batching rule on CPU and would be looped.
     options = {"attn_implementation": "eager"}
-    with _checked_run(model, data, out, settings, accelerator, overwrite=overwrite, full=True, **options) as (
-        run, claim
-    ):
+    with _library_progress(progress), _checked_run(model, data, out, settings, accelerator, overwrite=overwrite,
+                                                        full=True, **options) as (run, claim):
         fisher, count = compute_full_fisher(
             run.model,
             run.loader,

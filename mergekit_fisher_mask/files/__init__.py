@@ -1,6 +1,7 @@
 """The Fisher file formats, read and written by both calibration and merging.
 
-* :mod:`.mask`: one small safetensors file per model, ``head_fisher`` [L, H] and ``ffn_fisher`` [L, D];
+* :mod:`.mask`: one small safetensors file per model, one tensor per node group (``head_fisher`` [L, H],
+  ``ffn_fisher`` [L, D], ``expert_fisher`` [L, E, I], T5's per-stack groups);
 * :mod:`.full`: a folder with one Fisher tensor per parameter, sharded like the model.
 """
 

@@ -1,6 +1,7 @@
 """Merging: the ``fisher_mask`` and ``fisher`` merge methods, recipes, task heads and the model card.
 
-Layout: :mod:`.expand` (node Fisher to per-tensor weights), :mod:`.kernels` (the registered methods),
+Layout: :mod:`.expand` (node Fisher to per-tensor weights), :mod:`.sparsify` (Fisher-weighted task vectors),
+:mod:`.kernels` (the registered methods),
 :mod:`.recipe` (YAML recipes), :mod:`.heads` (task heads of different shapes), :mod:`.model_card`.
 
 This package depends on the shared modules of ``mergekit_fisher_mask`` only; it never imports calibration.

@@ -57,10 +57,6 @@ class NodeWeights:
             head_dim=fisher.shape.head_dim,
         )
 
-    @property
-    def head(self) -> Optional[torch.Tensor]:
-        return self.groups.get("head_fisher")
-
     def model_mean(self) -> float:
         """Mean over all nodes of the model, every group together."""
         return float(torch.cat([values.flatten() for values in self.groups.values()]).mean())

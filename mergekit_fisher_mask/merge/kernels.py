@@ -1,6 +1,7 @@
 """Merge methods ``fisher_mask`` (node Fisher expanded per tensor) and ``fisher`` (full diagonal Fisher).
 
-Both compute ``sum_k l_k F_k theta_k / sum_k l_k F_k`` in place, as mergekit's ``linear`` does.
+Both compute ``sum_k l_k F_k theta_k / sum_k l_k F_k`` in place, as mergekit's ``linear`` does; with ``sparsify``,
+``fisher_mask`` merges trimmed, sign-elected task vectors over the base model instead (:mod:`.sparsify`).
 """
 
 from __future__ import annotations
