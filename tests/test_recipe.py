@@ -83,7 +83,7 @@ def test_the_recipe_is_immutable(tmp_path):
         ({"models": two_models()}, "a recipe is a mapping with at least `merge_method`"),
         ({"merge_method": "fisher_mask", "models": two_models(), "calibraton": {}}, r"unknown key\(s\) 'calibraton'"),
         ({"merge_method": "nope", "models": two_models()}, "unknown merge_method 'nope'"),
-        ({"merge_method": "fisher_mask", "models": two_models(scheme="papr")}, "invalid value 'papr' for 'scheme'"),
+        ({"merge_method": "fisher_mask", "models": two_models(scheme="papr")}, "parameters: scheme: Input should be 'nodes' or 'paper', got 'papr'"),
         ({"merge_method": "fisher_mask", "models": two_models(calibration_data={"samples": 3})}, "needs a `data` key"),
         ({"merge_method": "fisher_mask", "models": two_models(calibration_data="d", fisher="f")}, "not both"),
         ({"merge_method": "fisher_mask", "models": two_models(calibration_data="d"), "calibration": {"seed": -1}},
