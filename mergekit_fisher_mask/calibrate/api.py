@@ -147,28 +147,6 @@ def prepare_calibration(
 
 
 @contextlib.contextmanager
-def _checked_run(model, data, out, settings: SettingsLike, accelerator, *, overwrite: bool, full: bool, **options):
-    """Validate the settings and the output path (before any work), prepare the run, and clean up after it."""
-    settings = _settings(settings)
-    if full:
-        check_full_supported(load_config(resolve_model_dir(str(model))))
-    if full and settings.device_map:
-        raise SettingsError(
-            "The full Fisher needs the whole model on one device (a per-example gradient of every parameter), so it "
-            "does not take --device-map. Calibrate the mask Fisher with --device-map instead, or drop --device-map."
-        )
-    model_dir = resolve_model_dir(str(model))
-    check_no_overlap(out, {"the model folder": model_dir}, option="--out")
-    what, is_ours = ("a full Fisher", is_full_fisher_dir) if full else ("a mask-Fisher file", is_mask_fisher_file)
-    claim = check_replaceable(out, overwrite=overwrite, is_ours=is_ours, what=what, folder=full, option="--out")
-    run = prepare_calibration(model, data, settings, accelerator, **options)
-    try:
-        yield run, claim
-    finally:
-        run.cleanup()
-
-
-@contextlib.contextmanager
 def _library_progress(show: bool):
     """Hide the progress bars of transformers (weight loading) and datasets (reading the data) when ours are off;
     their global switches are restored afterwards."""
@@ -187,6 +165,31 @@ def _library_progress(show: bool):
     finally:
         for enable in hidden:
             enable()
+
+
+@contextlib.contextmanager
+def _checked_run(model, data, out, settings: SettingsLike, accelerator, *, overwrite: bool, full: bool, progress: bool,
+                 **options):
+    """Validate the settings and the output path (before any work), prepare the run, and clean up after it; yields
+    the run and the output claim to publish with. Library progress bars follow ``progress``."""
+    settings = _settings(settings)
+    model_dir = resolve_model_dir(str(model))
+    if full:
+        check_full_supported(load_config(model_dir))
+    if full and settings.device_map:
+        raise SettingsError(
+            "The full Fisher needs the whole model on one device (a per-example gradient of every parameter), so it "
+            "does not take --device-map. Calibrate the mask Fisher with --device-map instead, or drop --device-map."
+        )
+    check_no_overlap(out, {"the model folder": model_dir}, option="--out")
+    what, is_ours = ("a full Fisher", is_full_fisher_dir) if full else ("a mask-Fisher file", is_mask_fisher_file)
+    claim = check_replaceable(out, overwrite=overwrite, is_ours=is_ours, what=what, folder=full, option="--out")
+    with _library_progress(progress):
+        run = prepare_calibration(model, data, settings, accelerator, **options)
+        try:
+            yield run, claim
+        finally:
+            run.cleanup()
 
 
 def _provenance(run: PreparedCalibration, model, count: int) -> Dict[str, Any]:
@@ -218,8 +221,9 @@ def calibrate(
     inside the model's folder, is refused before any work. Runs under any ``accelerate launch`` configuration; only
     the main process writes the file.
     """
-    with _library_progress(progress), _checked_run(model, data, out, settings, accelerator, overwrite=overwrite,
-                                                        full=False) as (run, claim):
+    with _checked_run(model, data, out, settings, accelerator, overwrite=overwrite, full=False, progress=progress) as (
+        run, claim
+    ):
         groups, count = compute_mask_fisher(
             run.model,
             run.loader,
@@ -255,8 +259,8 @@ def calibrate_full(
     """
     # Eager attention is plain matmuls that vmap batches; SDPA has no batching rule on CPU and would be looped.
     options = {"attn_implementation": "eager"}
-    with _library_progress(progress), _checked_run(model, data, out, settings, accelerator, overwrite=overwrite,
-                                                        full=True, **options) as (run, claim):
+    with _checked_run(model, data, out, settings, accelerator, overwrite=overwrite, full=True, progress=progress,
+                      **options) as (run, claim):
         fisher, count = compute_full_fisher(
             run.model,
             run.loader,
