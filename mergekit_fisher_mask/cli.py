@@ -70,7 +70,7 @@ def merge(merge_options: MergeOptions, config_file, out_path, overwrite, heads, 
     merged model to the folder OUT_PATH.
 
     Model paths in the recipe are relative to the current folder (as for mergekit-yaml); `fisher` and
-    `calibration_data` paths are relative to the recipe's folder."""
+    `calibration_data` paths are relative to the recipe's folder, or else to the current folder."""
     from .hub import push_folder, require_token
 
     if private and not push_to_hub:

