@@ -111,6 +111,8 @@ def inspect(files, plot, overwrite, top_k, normalize) -> None:
 
     claim = None
     if plot:  # refused before any work: never over an input, and only ever over a PNG, with --overwrite
+        if Path(plot).suffix.lower() != ".png":
+            raise FisherMaskError(f"--plot writes a PNG image; give a file name ending in .png, not {plot}.")
         for file in files:
             check_no_overlap(plot, {"the input": Path(file)}, option="--plot")
         claim = check_replaceable(plot, overwrite=overwrite, is_ours=is_png, what="a PNG image", folder=False,

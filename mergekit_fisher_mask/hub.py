@@ -26,7 +26,7 @@ def push_folder(folder: Path, repo_id: str, *, private: bool, token: str) -> str
 
     api = HfApi(token=token)
     url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    if private and not api.repo_info(repo_id, repo_type="model").private:
+    if private and api.repo_info(repo_id, repo_type="model").private is False:
         raise FisherMaskError(
             f"The Hub repo {repo_id} already exists and is public; --private does not change an existing repo, so "
             f"nothing was uploaded (the merge is in {folder}). Make the repo private on the Hub, or push without "

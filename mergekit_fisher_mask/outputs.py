@@ -35,6 +35,12 @@ def _resolved(path) -> Path:
     return Path(os.path.realpath(os.path.expanduser(str(path))))
 
 
+def _final(path) -> Path:
+    """Where a result goes: the real parent folder, and the name itself (a link there is replaced, not followed)."""
+    path = Path(os.path.expanduser(str(path)))
+    return _resolved(path.parent) / path.name
+
+
 def check_no_overlap(out, inputs: Mapping[str, Path], *, option: str = "output") -> None:
     """Refuse ``out`` if it equals, contains or lies inside any input path (``{description: path}``)."""
     target = _resolved(out)
@@ -54,10 +60,15 @@ def check_no_overlap(out, inputs: Mapping[str, Path], *, option: str = "output")
         )
 
 
-def describe_contents(folder: Path, limit: int = 5) -> str:
-    names = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir())
+def describe_names(names, limit: int = 5) -> str:
+    """``a, b, c`` or ``a, b, c, d, e and 3 more``."""
+    names = list(names)
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def describe_contents(folder: Path, limit: int = 5) -> str:
+    return describe_names(sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir()), limit)
 
 
 @dataclass(frozen=True)
@@ -72,8 +83,11 @@ class OutputClaim:
     option: str
 
     def check(self) -> None:
-        check_replaceable(self.out, overwrite=self.overwrite, is_ours=self.is_ours, what=self.what, folder=self.folder,
-                          option=self.option)
+        try:
+            check_replaceable(self.out, overwrite=self.overwrite, is_ours=self.is_ours, what=self.what,
+                              folder=self.folder, option=self.option)
+        except OutputPathError as error:
+            raise OutputPathError(f"While this run was working, something appeared at {self.out}: {error}") from None
 
 
 def check_replaceable(
@@ -141,7 +155,7 @@ def _alive(pid: int) -> bool:
 
 def remove_stale_staging(out) -> int:
     """Delete leftovers of earlier runs into ``out`` whose process has died on this host; return how many."""
-    out = _resolved(out)
+    out = _final(out)
     if not out.parent.is_dir():
         return 0
     pattern, removed = _staging_pattern(out), 0
@@ -185,7 +199,7 @@ def _replace(staged: Path, out: Path, claim: Optional[OutputClaim]) -> None:
 
 def _new_staging(out) -> Path:
     """A fresh hidden sibling name for ``out``, after removing dead runs' leftovers."""
-    out = _resolved(out)
+    out = _final(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out)
     return _staging_name(out, "partial")
@@ -209,12 +223,12 @@ def staged_file(out, claim: Optional[OutputClaim] = None) -> Iterator[Path]:
     staging = _new_staging(out)
     try:
         yield staging
-        _replace(staging, _resolved(out), claim)
+        _replace(staging, _final(out), claim)
     finally:
         staging.unlink(missing_ok=True)
 
 
 def publish(staging: Path, out, claim: Optional[OutputClaim] = None) -> None:
     """Move a finished staged folder into place, replacing an existing output (``claim`` is checked again first)."""
-    _replace(staging, _resolved(out), claim)
+    _replace(staging, _final(out), claim)
 

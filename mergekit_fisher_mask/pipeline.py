@@ -32,7 +32,7 @@ from .inspection import summarize_mask
 from .merge.heads import copy_task_head, excluding_weights, planned_names, task_head_tensors
 from .merge.model_card import write_model_card
 from .merge.recipe import PLUGIN_METHODS, CalibrationRequest, Recipe, load_recipe
-from .outputs import OutputClaim, check_no_overlap, check_replaceable, publish, staged_folder
+from .outputs import OutputClaim, check_no_overlap, check_replaceable, describe_names, publish, staged_folder
 
 LOG = logging.getLogger(__name__)
 
@@ -70,7 +70,8 @@ _LEGACY_OUTPUT = re.compile(
     r"(?:model(?:-\d{5}-of-\d{5})?\.safetensors|pytorch_model(?:-\d{5}-of-\d{5})?\.bin|"
     r"(?:model\.safetensors|pytorch_model\.bin)\.index\.json|config\.json|generation_config\.json|"
     r"tokenizer(?:_config)?\.json|tokenizer\.model|special_tokens_map\.json|added_tokens\.json|vocab\.(?:json|txt)|"
-    r"merges\.txt|spiece\.model|sentencepiece\.bpe\.model|chat_template\.(?:jinja|json)|README\.md|"
+    r"merges\.txt|spiece\.model|spm\.model|sentencepiece\.bpe\.model|chat_template\.(?:jinja|json)|"
+    r"(?:video_)?preprocessor_config\.json|README\.md|"
     r"mergekit_config\.yml)"
 )
 
@@ -80,8 +81,8 @@ def foreign_files(folder: Path) -> List[str]:
     version, without the list: those not named as a merge names its files); every file if there is no marker."""
     try:
         written = json.loads((Path(folder) / MARKER).read_text()).get("files")
-    except (OSError, ValueError, AttributeError):
-        return _written_files(folder)
+    except (OSError, ValueError, AttributeError):  # no marker, or one that is not ours: nothing here is vouched for
+        return [name for name in _written_files(folder) if name != MARKER]
     ours = (lambda name: name in written) if isinstance(written, list) else _LEGACY_OUTPUT.fullmatch
     return [name for name in _written_files(folder) if name != MARKER and not ours(name)]
 
@@ -123,9 +124,8 @@ def _check_output(
     extra = foreign_files(Path(out_path)) if (Path(out_path) / MARKER).is_file() else []
     if extra:
         raise OutputPathError(
-            f"The output {out_path} holds a previous merge plus files this tool did not write "
-            f"({', '.join(extra[:5])}{f' and {len(extra) - 5} more' if len(extra) > 5 else ''}); refusing to replace "
-            "it. Move those files away, or choose another path."
+            f"The output {out_path} holds a previous merge plus files this tool did not write ({describe_names(extra)}); "
+            "refusing to replace it. Move those files away, or choose another path."
         )
     return check_replaceable(out_path, overwrite=overwrite, is_ours=is_merge_output, what="a previous merge", folder=True)
 
@@ -190,10 +190,11 @@ def run_calibrations(recipe: Recipe, inputs: Dict[str, InputModel], cache_dir: P
             LOG.info("Using cached Fisher for %s: %s", request.model, path)
         elif full:
             LOG.info("Calibrating full Fisher of %s on %s -> %s", request.model, request.data, path)
-            calibrate_full(str(model.directory), request.data, path, request.settings, progress=progress)
+            # The cache is ours: a run that filled the same key meanwhile wrote the same result, so replace it.
+            calibrate_full(str(model.directory), request.data, path, request.settings, overwrite=True, progress=progress)
         else:
             LOG.info("Calibrating %s on %s -> %s", request.model, request.data, path)
-            calibrate_mask(str(model.directory), request.data, path, request.settings, progress=progress)
+            calibrate_mask(str(model.directory), request.data, path, request.settings, overwrite=True, progress=progress)
         paths[request.location] = str(path)
     return recipe.with_fisher_paths(paths)
 

@@ -91,11 +91,17 @@ def test_plot_never_replaces_a_file_that_is_not_a_png(tmp_path):
     def inspect(*args):
         return CliRunner().invoke(main, ["inspect", str(tmp_path / "a.safetensors"), *args], standalone_mode=False)
 
-    for target, match in ((thesis, "is not a PNG image"), (tmp_path / "a.safetensors", "is the input")):
+    (tmp_path / "old.png").write_text("not an image")
+    for target, match in ((tmp_path / "old.png", "is not a PNG image"), (thesis, "ending in .png"),
+                          (tmp_path / "a.safetensors", "ending in .png")):
         before = target.read_bytes()
         result = inspect("--plot", str(target), "--overwrite")
         assert result.exception is not None and match in str(result.exception)
         assert target.read_bytes() == before
+    odd = tmp_path / "fisher.png"  # a Fisher file under a .png name: still an input, never a plot target
+    odd.write_bytes((tmp_path / "a.safetensors").read_bytes())
+    result = CliRunner().invoke(main, ["inspect", str(odd), "--plot", str(odd), "--overwrite"], standalone_mode=False)
+    assert "is the input" in str(result.exception) and odd.read_bytes() == (tmp_path / "a.safetensors").read_bytes()
     assert inspect("--plot", str(png)).exception is None and png.read_bytes()[:4] == b"\x89PNG"
     result = inspect("--plot", str(png))
     assert "already holds a PNG image. Pass --overwrite" in str(result.exception)

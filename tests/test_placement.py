@@ -113,3 +113,21 @@ def test_recipes_take_placement_and_the_cache_key_ignores_it(model_zoo, tmp_path
     path.write_text(yaml.safe_dump(body))
     bf16 = load_recipe(str(path)).calibrations[0]
     assert calibration_cache_key(bf16, model) != calibration_cache_key(plain, model), "dtype is in the key"
+
+
+def test_each_process_gets_its_own_share_of_the_gpus(monkeypatch):
+    """4 GPUs, 2 processes per node: rank 1 gets GPUs 2 and 3, the user's sizes where given, else 90% of free."""
+    import importlib
+    from types import SimpleNamespace
+
+    placement = importlib.import_module("mergekit_fisher_mask.calibrate.placement")
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda: 4)
+    monkeypatch.setattr(placement, "accelerator_type", lambda: "cuda")
+    monkeypatch.setattr(placement, "free_memory", lambda device: 10_000 * (device.index + 1))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    settings = CalibrationSettings(device_map="auto", max_memory="3=20GiB,cpu=10GiB")
+    memory = placement._process_max_memory(settings, SimpleNamespace(num_processes=2, local_process_index=1))
+    assert memory == {2: 27_000, 3: settings.max_memory[3], "cpu": settings.max_memory["cpu"]}
+    monkeypatch.setattr(placement, "free_memory", lambda device: None)
+    with pytest.raises(SettingsError, match="free memory of device 2 is unknown"):
+        placement._process_max_memory(settings, SimpleNamespace(num_processes=2, local_process_index=1))

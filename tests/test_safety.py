@@ -288,3 +288,24 @@ def test_an_output_under_a_file_is_refused_before_any_work(setup, text_data, tmp
                                                                  tmp_path / "afile.txt" / "x.safetensors"), "is a file")
     refused(tmp_path, tmp_path / "afile.txt",
             lambda: run_fisher_merge(str(recipe), str(tmp_path / "afile.txt" / "x"), OPTIONS), "is a file")
+
+
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_a_fisher_file_written_meanwhile_is_replaced_only_with_overwrite(setup, tmp_path, overwrite):
+    """The Fisher cache calibrates with overwrite: two merges filling one key write the same result."""
+    from mergekit_fisher_mask import load_mask_fisher, save_mask_fisher
+    from mergekit_fisher_mask.files import is_mask_fisher_file
+    from mergekit_fisher_mask.outputs import check_replaceable
+
+    _, fishers, _ = setup
+    fisher = load_mask_fisher(fishers[0])
+    out = tmp_path / "cache" / "key.safetensors"
+    claim = check_replaceable(out, overwrite=overwrite, is_ours=is_mask_fisher_file, what="a mask-Fisher file",
+                              folder=False)
+    out.parent.mkdir()
+    shutil.copy(fishers[1], out)  # another run finished first
+    if overwrite:
+        save_mask_fisher(fisher, out, claim)
+        assert out.read_bytes() != fishers[1].read_bytes() and is_mask_fisher_file(out)
+    else:
+        refused(tmp_path, out, lambda: save_mask_fisher(fisher, out, claim), "While this run was working")

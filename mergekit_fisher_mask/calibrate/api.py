@@ -60,7 +60,7 @@ def make_accelerator():
 
     # Launched as several processes on a machine without GPUs, accelerate only picks CPU data parallelism (gloo)
     # when told cpu=True; otherwise each process would silently calibrate on everything.
-    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator_type() is None
+    multi_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and accelerator_type() in (None, "mps")  # MPS: one process
     # even_batches=False: padding the last batch with repeated examples would count them twice.
     return Accelerator(cpu=multi_cpu, dataloader_config=DataLoaderConfiguration(even_batches=False))
 
@@ -173,19 +173,20 @@ def _checked_run(model, data, out, settings: SettingsLike, accelerator, *, overw
     """Validate the settings and the output path (before any work), prepare the run, and clean up after it; yields
     the run and the output claim to publish with. Library progress bars follow ``progress``."""
     settings = _settings(settings)
-    model_dir = resolve_model_dir(str(model))
-    if full:
-        check_full_supported(load_config(model_dir))
-    if full and settings.device_map:
-        raise SettingsError(
-            "The full Fisher needs the whole model on one device (a per-example gradient of every parameter), so it "
-            "does not take --device-map. Calibrate the mask Fisher with --device-map instead, or drop --device-map."
-        )
-    check_no_overlap(out, {"the model folder": model_dir}, option="--out")
-    what, is_ours = ("a full Fisher", is_full_fisher_dir) if full else ("a mask-Fisher file", is_mask_fisher_file)
-    claim = check_replaceable(out, overwrite=overwrite, is_ours=is_ours, what=what, folder=full, option="--out")
     with _library_progress(progress):
-        run = prepare_calibration(model, data, settings, accelerator, **options)
+        model_dir = resolve_model_dir(str(model))  # the one download of a Hub id
+        if full:
+            check_full_supported(load_config(model_dir))
+        if full and settings.device_map:
+            raise SettingsError(
+                "The full Fisher needs the whole model on one device (a per-example gradient of every parameter), so "
+                "it does not take --device-map. Calibrate the mask Fisher with --device-map instead, or drop "
+                "--device-map."
+            )
+        check_no_overlap(out, {"the model folder": model_dir}, option="--out")
+        what, is_ours = ("a full Fisher", is_full_fisher_dir) if full else ("a mask-Fisher file", is_mask_fisher_file)
+        claim = check_replaceable(out, overwrite=overwrite, is_ours=is_ours, what=what, folder=full, option="--out")
+        run = prepare_calibration(str(model_dir), data, settings, accelerator, **options)
         try:
             yield run, claim
         finally:

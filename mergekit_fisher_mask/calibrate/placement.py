@@ -85,11 +85,16 @@ def accelerator_type() -> Optional[str]:
 
 
 def free_memory(device: torch.device) -> Optional[int]:
-    """Bytes free on an accelerator device, or None where its backend cannot tell."""
-    try:
-        return int(torch.accelerator.get_memory_info(device)[0])
-    except (RuntimeError, NotImplementedError, AttributeError):
-        return None
+    """Bytes free on an accelerator device, or None where its backend cannot tell. ``torch.accelerator`` answers
+    from torch 2.9; older versions ask the device type's own module (``torch.<type>.mem_get_info``)."""
+    queries = [getattr(torch.accelerator, "get_memory_info", None),
+               getattr(getattr(torch, device.type, None), "mem_get_info", None)]
+    for query in filter(None, queries):
+        try:
+            return int(query(device)[0])
+        except (RuntimeError, NotImplementedError, AttributeError, TypeError):
+            continue
+    return None
 
 
 _GLIBC_M_MMAP_THRESHOLD = -3
@@ -140,10 +145,13 @@ def _process_max_memory(settings: CalibrationSettings, accelerator) -> Optional[
     mine = range(rank * per_process, (rank + 1) * per_process)
     memory: Dict[Union[int, str], Union[int, str]] = {}
     for gpu in mine:
-        free = user.get(gpu) or free_memory(torch.device(accelerator_type(), gpu))
+        if gpu in user:
+            memory[gpu] = user[gpu]
+            continue
+        free = free_memory(torch.device(accelerator_type(), gpu))
         if free is None:
             raise SettingsError(f"The free memory of device {gpu} is unknown here; give it with --max-memory {gpu}=SIZE.")
-        memory[gpu] = user.get(gpu, int(0.9 * free))
+        memory[gpu] = int(0.9 * free)
     memory.update({key: value for key, value in user.items() if not isinstance(key, int)})
     return memory
 
