@@ -83,6 +83,8 @@ ARCHS: Dict[str, Tuple[Callable, Callable, dict]] = {
                   dict(DECODER, **MOE, num_experts=4, moe_intermediate_size=16, shared_expert_intermediate_size=24,
                        mlp_only_layers=[])),
     "t5": (T.T5Config, T.T5ForConditionalGeneration, T5),
+    "mt5": (T.MT5Config, T.MT5ForConditionalGeneration, T5),
+    "umt5": (T.UMT5Config, T.UMT5ForConditionalGeneration, T5),
 }
 # Families whose tokenizer is the word-level one (encoders); the others use the byte-level BPE one.
 CLASSIFIERS = ("bert", "roberta", "xlm-roberta", "distilbert", "deberta-v2", "modernbert", "bert-tokens", "bert-qa")
