@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Dict
 
 import pytest
+import torch
 import yaml
 from conftest import write_jsonl
 from mergekit.options import MergeOptions
@@ -309,3 +310,20 @@ def test_a_fisher_file_written_meanwhile_is_replaced_only_with_overwrite(setup, 
         assert out.read_bytes() != fishers[1].read_bytes() and is_mask_fisher_file(out)
     else:
         refused(tmp_path, out, lambda: save_mask_fisher(fisher, out, claim), "While this run was working")
+
+
+def test_saving_without_a_claim_replaces_only_our_own_files(setup, tmp_path):
+    """The public save functions, called without a claim, never replace a user's file or folder."""
+    from mergekit_fisher_mask import load_mask_fisher, save_mask_fisher
+    from mergekit_fisher_mask.files import save_full_fisher
+
+    _, fishers, _ = setup
+    fisher = load_mask_fisher(fishers[0])
+    thesis = tmp_path / "thesis.txt"
+    thesis.write_text("four years of work")
+    refused(tmp_path, thesis, lambda: save_mask_fisher(fisher, thesis), "is not a mask-Fisher file")
+    mine = user_folder(tmp_path / "mine")
+    refused(tmp_path, mine, lambda: save_full_fisher({}, tmp_path, mine, {}), "holds files this tool did not write")
+    save_mask_fisher(fisher, fishers[1])  # a Fisher file of this tool is replaced
+    saved = load_mask_fisher(fishers[1])
+    assert all(torch.equal(saved.groups[key], fisher.groups[key]) for key in fisher.groups)

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from ..checkpoints import shard_map
 from ..errors import FisherFileError
-from ..outputs import OutputClaim, publish, staged_folder
+from ..outputs import OutputClaim, check_replaceable, publish, staged_folder
 
 FULL_FORMAT = "mergekit-fisher-mask/full"
 FULL_FORMAT_VERSION = 1
@@ -31,8 +31,11 @@ def save_full_fisher(
     """Write Fisher tensors under the model's own names, sharded like the model, plus an index with metadata.
 
     The caller decides whether ``out_dir`` may be replaced (:func:`mergekit_fisher_mask.outputs.check_replaceable`);
-    its ``claim`` is checked again right before the folder is moved into place.
+    its ``claim`` is checked again right before the folder is moved into place. Without a claim, only a full-Fisher
+    folder of this tool is replaced, and anything else at ``out_dir`` is refused.
     """
+    claim = claim or check_replaceable(out_dir, overwrite=True, is_ours=is_full_fisher_dir, what="a full Fisher",
+                                       folder=True)
     shard_of = shard_map(Path(model_dir))  # tensor name -> the model's weight file that holds it
     shards = sorted(set(shard_of.values())) or ["model"]
     rename = {shard: f"fisher-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i, shard in enumerate(shards)}

@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 
 from ..architectures import NodeShape
 from ..errors import FisherFileError, UnsupportedArchitectureError
-from ..outputs import OutputClaim, staged_file
+from ..outputs import OutputClaim, check_replaceable, staged_file
 
 FORMAT = "mergekit-fisher-mask/mask"
 FORMAT_VERSION = 2
@@ -95,8 +95,11 @@ def save_mask_fisher(fisher: MaskFisher, path: Union[str, os.PathLike], claim: O
     """Validate and write atomically (a crash never leaves a half-written file under ``path``).
 
     The caller decides whether ``path`` may be replaced (:func:`mergekit_fisher_mask.outputs.check_replaceable`); its
-    ``claim`` is checked again right before the file is moved into place.
+    ``claim`` is checked again right before the file is moved into place. Without a claim, only a mask-Fisher file
+    of this tool is replaced, and anything else at ``path`` is refused.
     """
+    claim = claim or check_replaceable(path, overwrite=True, is_ours=is_mask_fisher_file, what="a mask-Fisher file",
+                                       folder=False)
     _check_tensors(fisher.groups, fisher.shape, where=str(path))
     tensors = {key: value.float().contiguous() for key, value in fisher.groups.items()}
     with staged_file(path, claim) as staging:
