@@ -83,7 +83,7 @@ def foreign_files(folder: Path) -> List[str]:
         written = json.loads((Path(folder) / MARKER).read_text()).get("files")
     except (OSError, ValueError, AttributeError):  # no marker, or one that is not ours: nothing here is vouched for
         return [name for name in _written_files(folder) if name != MARKER]
-    ours = (lambda name: name in written) if isinstance(written, list) else _LEGACY_OUTPUT.fullmatch
+    ours = set(written).__contains__ if isinstance(written, list) else _LEGACY_OUTPUT.fullmatch
     return [name for name in _written_files(folder) if name != MARKER and not ours(name)]
 
 

@@ -103,11 +103,7 @@ class Recipe:
         try:
             return MergeConfiguration.model_validate(self.config)
         except ValidationError as error:
-            problems = "; ".join(
-                f"{'.'.join(str(part) for part in item['loc'])}: {item['msg'].removeprefix('Value error, ')}"
-                for item in error.errors()
-            )
-            raise RecipeError(f"{self.path}: not a valid mergekit recipe: {problems}.") from None
+            raise RecipeError(f"{self.path}: not a valid mergekit recipe: {_problems(error, locations=True)}.") from None
         except Exception as error:  # mergekit's own validators raise plain exceptions
             raise RecipeError(f"{self.path}: not a valid mergekit recipe: {error}") from error
 
@@ -168,6 +164,14 @@ def _method_parameters(method: str, path: str) -> dict:
     return {parameter.name: parameter for parameter in spec.parameters}
 
 
+def _problems(error: ValidationError, *, locations: bool = False) -> str:
+    """pydantic's messages on one line (``loc: message; ...`` with ``locations``)."""
+    return "; ".join(
+        (f"{'.'.join(str(part) for part in item['loc'])}: " if locations else "") + item["msg"].removeprefix("Value error, ")
+        for item in error.errors()
+    )
+
+
 def _check_values(parameters: Mapping[str, Any], specs: dict, where: str) -> None:
     """Validate plain scalar values now (filtered and gradient values are left to mergekit)."""
     for name, value in parameters.items():
@@ -175,8 +179,7 @@ def _check_values(parameters: Mapping[str, Any], specs: dict, where: str) -> Non
             try:
                 specs[name].validate(value)
             except ValidationError as error:
-                messages = "; ".join(item["msg"].removeprefix("Value error, ") for item in error.errors())
-                raise RecipeError(f"{where}: {name}: {messages}, got {value!r}.") from None
+                raise RecipeError(f"{where}: {name}: {_problems(error)}, got {value!r}.") from None
             except Exception as error:  # mergekit's own validators raise plain exceptions
                 raise RecipeError(f"{where}: {name}: {error}, got {value!r}.") from None
 
