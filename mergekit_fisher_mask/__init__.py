@@ -4,60 +4,75 @@ Importing this package registers the ``fisher_mask`` and ``fisher`` merge method
 
 Layout (dependencies point down the list, never up):
 
-* shared: :mod:`.errors`, :mod:`.architectures`, :mod:`.tasks`, :mod:`.settings`, :mod:`.checkpoints`,
-  :mod:`.outputs`, :mod:`.files` (the Fisher file formats);
-* :mod:`.calibrate` (measuring Fisher) and :mod:`.merge` (the merge methods, recipes), which never import each other;
-* :mod:`.pipeline` (``merge`` with calibration on demand), :mod:`.inspection`, :mod:`.hub`, :mod:`.cli`.
+* shared: :mod:`.errors`, :mod:`.paths`, :mod:`.architectures`, :mod:`.tasks`, :mod:`.settings`,
+  :mod:`.checkpoints`, :mod:`.outputs` (everything that writes), :mod:`.files` (the statistic file formats);
+* :mod:`.calibration` (measuring statistics) and :mod:`.merge` (the merge methods, recipes), which never import
+  each other;
+* :mod:`.cache` (calibration on demand), :mod:`.pipeline` (``merge``), :mod:`.inspection`, :mod:`.hub`, :mod:`.cli`.
 
-Note: ``mergekit_fisher_mask.calibrate`` is the :func:`calibrate` function; import the subpackage's modules by their
-full names (``from mergekit_fisher_mask.calibrate.data import ...``).
+``mergekit_fisher_mask.calibrate`` is the :func:`calibrate` function; the calibration modules are
+``mergekit_fisher_mask.calibration.*`` (``mergekit_fisher_mask.calibrate.*`` still imports them, as before 0.3).
 """
 
-from .architectures import ARCHITECTURES, NodeShape, get_architecture
-from .calibrate.api import PreparedCalibration, calibrate, calibrate_full, prepare_calibration
-from .calibrate.engine import autocast_context
-from .calibrate.full_pass import compute_full_fisher
-from .calibrate.losses import model_inputs
-from .calibrate.mask_pass import compute_mask_fisher
-from .errors import (
-    CalibrationDataError,
-    FisherFileError,
-    FisherMaskError,
-    ModelLoadError,
-    OutputPathError,
-    RecipeError,
-    SettingsError,
-    UnsupportedArchitectureError,
-)
-from .files import FullFisherReader, MaskFisher, load_mask_fisher, save_mask_fisher
-from .merge import (
-    FISHER,
-    FISHER_MASK,
-    Normalize,
-    Scheme,
-    Sparsify,
-    Uncovered,
-    fisher_mask_merge,
-    fisher_merge,
-    register,
-)
-from .settings import Aggregate, CalibrationSettings, Estimator, LoadDtype, MixedPrecision
-from .tasks import Loss, Task
+from ._startup import quiet_interrupts
 
-__version__ = "0.2.0"
+with quiet_interrupts():  # the imports below take seconds; Ctrl-C meanwhile ends the command quietly
+    from . import _compat
+    from .architectures import ARCHITECTURES, NodeShape, get_architecture
+    from .calibration.api import (
+        CalibrationPlan,
+        PreparedCalibration,
+        calibrate,
+        calibrate_full,
+        load_calibration,
+        plan_calibration,
+        prepare_calibration,
+    )
+    from .calibration.full_pass import compute_full_fisher
+    from .calibration.mask_pass import compute_mask_fisher
+    from .errors import (
+        CalibrationDataError,
+        FisherFileError,
+        FisherMaskError,
+        ModelLoadError,
+        OutputPathError,
+        RecipeError,
+        SettingsError,
+        UnsupportedArchitectureError,
+    )
+    from .files import FullFisher, FullFisherReader, MaskFisher, load_mask_fisher, save_mask_fisher
+    from .merge import (
+        FISHER,
+        FISHER_MASK,
+        PLUGIN_METHODS,
+        Normalize,
+        Scheme,
+        Sparsify,
+        Uncovered,
+        fisher_mask_merge,
+        fisher_merge,
+        register,
+    )
+    from .settings import Aggregate, CalibrationSettings, Estimator, LoadDtype, MixedPrecision
+    from .tasks import Loss, Task
 
-register()
+    __version__ = "0.3.0"
+
+    register()
+    _compat.alias_renamed_modules()
 
 __all__ = [
     "ARCHITECTURES",
     "Aggregate",
     "CalibrationDataError",
+    "CalibrationPlan",
     "CalibrationSettings",
     "Estimator",
     "FISHER",
     "FISHER_MASK",
     "FisherFileError",
     "FisherMaskError",
+    "FullFisher",
     "FullFisherReader",
     "LoadDtype",
     "Loss",
@@ -67,6 +82,7 @@ __all__ = [
     "NodeShape",
     "Normalize",
     "OutputPathError",
+    "PLUGIN_METHODS",
     "PreparedCalibration",
     "RecipeError",
     "Scheme",
@@ -75,7 +91,6 @@ __all__ = [
     "Task",
     "Uncovered",
     "UnsupportedArchitectureError",
-    "autocast_context",
     "calibrate",
     "calibrate_full",
     "compute_full_fisher",
@@ -83,8 +98,9 @@ __all__ = [
     "fisher_mask_merge",
     "fisher_merge",
     "get_architecture",
+    "load_calibration",
     "load_mask_fisher",
-    "model_inputs",
+    "plan_calibration",
     "prepare_calibration",
     "register",
     "save_mask_fisher",

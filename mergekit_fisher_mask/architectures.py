@@ -1,7 +1,8 @@
 """Per-architecture knowledge, as data: where the mask nodes sit and which tensor axis each node indexes.
 
 Every supported family is one :class:`ArchitectureSpec` in :data:`ARCHITECTURES`, keyed by ``config.model_type``.
-Nothing else in the package branches on module or tensor names.
+The module and tensor names the package uses (where masks go, which axis a node indexes, the experts' fused
+weights and activation) all come from this table; nothing else branches on names.
 
 A model has one or two *stacks* of layers (a decoder; an encoder; T5's encoder and decoder). Each stack has *node
 groups*, each measured at one module of every layer:
@@ -102,7 +103,7 @@ class NodeSite:
     """Where a node group is measured, relative to one layer.
 
     The masks scale the input of ``module`` (heads, neurons) or, for experts, the activation inside ``module``'s
-    experts. ``weight`` names the parameter whose ``input_axis`` the nodes index, which the independent check
+    experts (``act(gate) * up``, computed from its ``gate_up`` parameter and ``activation``). ``weight`` names the parameter whose ``input_axis`` the nodes index, which the independent check
     ``dL/dm_c = sum_r W[r, c] dL/dW[r, c]`` uses.
     """
 
@@ -110,6 +111,8 @@ class NodeSite:
     module: str
     weight: str = "weight"
     input_axis: int = 1
+    gate_up: Optional[str] = None  # experts: the fused [E, 2I, H] gate/up parameter of ``module``
+    activation: Optional[str] = None  # experts: the activation attribute of ``module``
 
 
 @dataclass(frozen=True)
@@ -214,7 +217,7 @@ def _gated_ffn(gate: str, up: str, down: str) -> dict:
 # One optional leading component ("bert.", "model.", ...) so a tensor is found whether the checkpoint holds a
 # bare body or a model with a head; the layer index is matched as a whole dot-delimited number.
 _PREFIX = r"(?:[A-Za-z_][A-Za-z0-9_]*\.)?"
-_HEADS = {"head": NodeSite(Kind.HEADS, "self_attn.o_proj"), "ffn": NodeSite(Kind.NEURONS, "mlp.down_proj")}
+_LLAMA_SITES = {"head": NodeSite(Kind.HEADS, "self_attn.o_proj"), "ffn": NodeSite(Kind.NEURONS, "mlp.down_proj")}
 _DECODER_HEADS = r"(?:score|classifier|qa_outputs)\..+"
 
 _BERT_TENSORS = {
@@ -319,7 +322,8 @@ _QWEN2_MOE_TENSORS = {
     "mlp.shared_expert_gate.weight": TensorRule(Role.ROUTER),
 }
 _MOE_SITES = {"head": NodeSite(Kind.HEADS, "self_attn.o_proj"),
-              "expert": NodeSite(Kind.EXPERTS, "mlp.experts", weight="down_proj", input_axis=2)}
+              "expert": NodeSite(Kind.EXPERTS, "mlp.experts", weight="down_proj", input_axis=2, gate_up="gate_up_proj",
+                                 activation="act_fn")}
 
 
 def _t5_tensors(decoder: bool) -> dict:
@@ -361,7 +365,7 @@ def _bert_like(name: str, positions: Positions = Positions.ABSOLUTE, tensors=_BE
     )
 
 
-def _llama_like(name: str, tensors=_LLAMA_TENSORS, sites=_HEADS, **options) -> ArchitectureSpec:
+def _llama_like(name: str, tensors=_LLAMA_TENSORS, sites=_LLAMA_SITES, **options) -> ArchitectureSpec:
     return ArchitectureSpec(
         name=name,
         stacks=(Stack("", "layers", _PREFIX + r"layers\.(\d+)\.(.+)", sites, tensors),),
@@ -439,7 +443,7 @@ ARCHITECTURES: Mapping[str, ArchitectureSpec] = {
         ),
     ),
     "starcoder2": _llama_like(
-        "StarCoder2", _STARCODER2_TENSORS, {"head": _HEADS["head"], "ffn": NodeSite(Kind.NEURONS, "mlp.c_proj")}
+        "StarCoder2", _STARCODER2_TENSORS, {"head": _LLAMA_SITES["head"], "ffn": NodeSite(Kind.NEURONS, "mlp.c_proj")}
     ),
     "phi3": _llama_like("Phi-3", _PHI3_TENSORS),
     "phi": _llama_like(

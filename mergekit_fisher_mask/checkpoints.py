@@ -10,12 +10,13 @@ import json
 import os
 import pickle
 from pathlib import Path
-from typing import Dict, Iterator, List, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import ModelLoadError
+from .paths import looks_local, user_path
 
 _DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*", "*.jinja"]
 # The fingerprint hashes every tensor's name, dtype and shape plus a few values from its first and last rows.
@@ -25,19 +26,25 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 
 
-def resolve_model_dir(name_or_path: str) -> Path:
-    """Return a local folder for a model: the path itself, or the Hub snapshot (downloaded if needed)."""
-    if os.path.isdir(name_or_path):
-        return Path(name_or_path)
-    if os.path.exists(name_or_path):
-        raise ModelLoadError(f"Model {name_or_path} is a file; pass the folder that holds config.json and the weights.")
+def resolve_model_dir(name_or_path) -> Path:
+    """Return a local folder for a model: the path itself (``~`` expanded, relative to the current folder), or the
+    Hub snapshot (downloaded if needed)."""
+    text = os.fspath(name_or_path)
+    local = user_path(text)
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise ModelLoadError(f"Model {text} is a file; pass the folder that holds config.json and the weights.")
+    where = f"{local}; model paths are resolved against the current folder {Path.cwd()}"
+    if looks_local(text):
+        raise ModelLoadError(f"Model {text!r} does not exist ({where}). Pass the folder that holds config.json.")
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(name_or_path, allow_patterns=_DOWNLOAD_PATTERNS))
+        return Path(snapshot_download(text, allow_patterns=_DOWNLOAD_PATTERNS))
     except Exception as error:  # the Hub client raises many types; all mean "not reachable or not found"
         raise ModelLoadError(
-            f"Model {name_or_path!r} is neither a local folder nor a downloadable Hugging Face Hub repo "
+            f"Model {text!r} is neither a local folder ({where}) nor a downloadable Hugging Face Hub repo "
             f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}). Pass a folder that "
             "holds config.json and *.safetensors, or a Hub id while online."
         ) from error
@@ -162,3 +169,20 @@ def model_fingerprint(model_dir: Path) -> str:
         raise ModelLoadError(f"{model_dir}: no weights to fingerprint (no safetensors or .bin files).")
     kind = "st" if weight_files(Path(model_dir))[0].suffix == ".safetensors" else "pt"
     return f"{kind}:" + digest.hexdigest()[:24]
+
+
+_DTYPE_BYTES = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2, "int64": 8, "int32": 4, "int8": 1,
+                "uint8": 1, "bool": 1, "F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "I8": 1, "U8": 1,
+                "BOOL": 1}
+
+
+def weight_bytes(model_dir: Path, dtype: Optional[str] = None) -> int:
+    """Bytes of a model's tensors as stored, or with every floating-point tensor in ``dtype``."""
+    total = 0
+    for _, stored, shape, _, _ in iter_tensor_headers(Path(model_dir)):
+        count = 1
+        for size in shape:
+            count *= size
+        floating = stored in ("F64", "F32", "BF16", "F16", "float64", "float32", "bfloat16", "float16")
+        total += count * _DTYPE_BYTES.get(dtype if dtype and floating else stored, 4)
+    return total

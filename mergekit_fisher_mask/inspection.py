@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Sequence, Tuple
 
 import torch
 
 from .errors import FisherMaskError
-from .files import FullFisherReader, MaskFisher, load_mask_fisher
+from .files import FullFisher, MaskFisher
+from .files.base import top_share
 from .merge.expand import Normalize, normalized
+from .outputs import PNG_IMAGE, claim_output, save_figure, staged_file
 
 QUANTILES = 20  # columns of the neuron heatmap: quantiles of each layer's neuron Fisher
 
@@ -25,8 +27,6 @@ class MaskSummary:
     ffn_mean: torch.Tensor  # (L,)
     ffn_max: torch.Tensor  # (L,)
     top_heads: List[Tuple[int, int, float]]  # (layer, head, value), largest first
-    head_top10_share: float  # share of all head Fisher held by the top 10% of heads
-    ffn_top10_share: float
     shares: Dict[str, float]  # every group: share held by its top 10% of nodes
 
 
@@ -35,16 +35,6 @@ def main_groups(fisher: MaskFisher) -> Tuple[str, torch.Tensor, str, torch.Tenso
     head_key = next(key for key in fisher.groups if key.endswith("head_fisher"))
     neuron_key = next((key for key in fisher.groups if key.endswith("ffn_fisher")), None) or "expert_fisher"
     return head_key, fisher.groups[head_key], neuron_key, fisher.groups[neuron_key].flatten(1)
-
-
-def top_share(values: torch.Tensor, fraction: float = 0.1) -> float:
-    """Share of the total held by the largest ``fraction`` of entries (at least one entry)."""
-    flat = values.flatten().double()
-    total = flat.sum()
-    if total <= 0:
-        return 0.0
-    count = max(1, int(round(fraction * flat.numel())))
-    return float(flat.topk(count).values.sum() / total)
 
 
 def summarize_mask(fisher: MaskFisher, top_k: int = 10) -> MaskSummary:
@@ -57,8 +47,6 @@ def summarize_mask(fisher: MaskFisher, top_k: int = 10) -> MaskSummary:
         ffn_mean=ffn.mean(dim=1),
         ffn_max=ffn.amax(dim=1),
         top_heads=[(int(i) // heads, int(i) % heads, float(v)) for v, i in zip(values, order)],
-        head_top10_share=top_share(head),
-        ffn_top10_share=top_share(ffn),
         shares={key: top_share(values) for key, values in fisher.groups.items()},
     )
 
@@ -90,17 +78,16 @@ def format_mask_summary(path: str, fisher: MaskFisher, top_k: int = 10) -> str:
 
 def format_full_summary(path: str) -> str:
     """Per-tensor summary of a full-Fisher folder, read one tensor at a time."""
-    reader = FullFisherReader(path)
+    fisher = FullFisher.read(path)
     rows = []
-    for name in reader.weight_map:
-        values = reader.get(name).double()
+    for name in fisher.tensors:
+        values = fisher.tensors[name].double()
         rows.append((name, values.numel(), float(values.mean()), float(values.max()), float(values.sum())))
     total = sum(row[4] for row in rows) or 1.0
-    meta = reader.metadata
     lines = [
         f"{path}",
-        f"  model {meta.get('model', '?')} ({meta.get('model_type')}), {meta.get('samples')} samples, "
-        f"estimator {meta.get('estimator')}, loss {meta.get('loss')}, L2 norm {reader.l2_norm:.4e}",
+        f"  model {fisher.model or '?'} ({fisher.model_type}), {fisher.samples} samples, estimator {fisher.estimator}, "
+        f"loss {fisher.loss}, L2 norm {fisher.l2_norm:.4e}",
         "",
         f"  {'tensor':<60} {'numel':>10} {'mean':>11} {'max':>11} {'share':>7}",
     ]
@@ -177,7 +164,7 @@ def plot_mask_fishers(
     for axis in axes.flat:
         axis.yaxis.set_major_locator(MaxNLocator(integer=True))
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
-    figure.savefig(out, dpi=dpi, format="png")  # out may be a staging name without a suffix
+    save_figure(figure, out, dpi=dpi)  # out may be a staging name without a suffix
     width, height = figure.canvas.get_width_height()
     plt.close(figure)
     return width, height
@@ -196,6 +183,25 @@ def describe(paths: Sequence[str], top_k: int = 10) -> Dict[str, str]:
     reports = {}
     for path in paths:
         reports[path] = format_full_summary(path) if Path(path).is_dir() else format_mask_summary(
-            path, load_mask_fisher(path), top_k
+            path, MaskFisher.read(path), top_k
         )
     return reports
+
+
+def plot_to_file(
+    paths: Sequence[Path], out: Path, *, overwrite: bool = False, normalize: Normalize = Normalize.LAYER
+) -> Callable[[], Tuple[int, int]]:
+    """Check, before any work, that ``out`` may be written (never over an input; only over a PNG, with
+    ``overwrite``), and return the function that draws the mask-Fisher files among ``paths`` into it."""
+    masks = [Path(p) for p in paths if not Path(p).is_dir()]
+    if not masks:
+        raise FisherMaskError("--plot draws mask-Fisher files; full-Fisher folders have no node layout to draw.")
+    claim = claim_output(out, PNG_IMAGE, overwrite=overwrite, inputs={f"the input {p} at": Path(p) for p in paths},
+                         name="plot")
+
+    def draw() -> Tuple[int, int]:
+        with staged_file(out, claim) as staging:
+            return plot_mask_fishers([MaskFisher.read(f) for f in masks], [f.stem for f in masks], staging,
+                                     normalize=normalize)
+
+    return draw

@@ -1,48 +1,153 @@
-"""Writing outputs without ever destroying what the user owns.
+"""Everything this tool writes goes through this module, and nothing it writes destroys what the user owns.
 
 Rules, enforced here for every file and folder this tool writes:
 
-* an output never equals, contains or lies inside an input (a model folder, a Fisher file's folder, ...);
-* an existing output is replaced only if this tool wrote it (the caller says how to recognise that) and only with
-  ``--overwrite``; anything else is refused, naming what is there;
+* an output never equals, contains or lies inside an input (a model folder, a Fisher file, the data, ...), and a
+  folder output is never a current working directory (replacing it would leave a shell in a deleted folder);
+* an existing output is replaced only if this tool wrote it (its :class:`OutputKind` says how to recognise that)
+  and only when the user asked to overwrite; anything else is refused, naming what is there. A folder this tool
+  wrote lists its files (a manifest), so a file the user added later makes the folder theirs too;
+* before any work, the output's folder must take a file and have room for the expected size;
 * results are written under a hidden sibling name (``.<name>.partial-<host>-<pid>-<random>``) and renamed into
-  place when complete, so an interrupted run never leaves something that looks finished. Such leftovers of a run
-  that died are removed by the next run into the same path; those of a run still alive are left alone;
-* the check is made before any work and made again just before the result is moved into place, so something that
-  appeared at the output path meanwhile (a user's folder, another run's result) is not replaced either.
+  place when complete, so an interrupted run never leaves something that looks finished. Leftovers of a run that
+  died are removed by the next run into the same path; those of a run still alive are left alone;
+* the check is made before any work and again just before the result is moved into place, so something that
+  appeared at the output path meanwhile (a user's folder, another run's result) is not replaced either;
+* a full, read-only or forbidden disk at write time is one :class:`OutputPathError` naming the path and the cause,
+  with nothing left behind.
+
+No other module of the package opens a file for writing, renames or deletes one (``tests/test_structure.py``).
+Paths arrive here already resolved once by :func:`mergekit_fisher_mask.paths.user_path`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
+import io
+import json
 import os
 import re
 import secrets
 import shutil
 import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Optional
+from typing import Callable, Dict, Iterator, List, Mapping, Optional
 
-from .errors import OutputPathError
+from .errors import OutputPathError, flag, subject
 
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+MARKER = "fisher_merge.json"  # written last into a merge: its presence and file list vouch for the folder
 
 
 def _resolved(path) -> Path:
     """The absolute path with every symbolic link resolved, so that no alias of an input looks like another path."""
-    return Path(os.path.realpath(os.path.expanduser(str(path))))
+    return Path(os.path.realpath(path))
 
 
 def _final(path) -> Path:
     """Where a result goes: the real parent folder, and the name itself (a link there is replaced, not followed)."""
-    path = Path(os.path.expanduser(str(path)))
+    path = Path(path)
     return _resolved(path.parent) / path.name
 
 
-def check_no_overlap(out, inputs: Mapping[str, Path], *, option: str = "output") -> None:
-    """Refuse ``out`` if it equals, contains or lies inside any input path (``{description: path}``)."""
+def describe_names(names, limit: int = 5) -> str:
+    """``a, b, c`` or ``a, b, c, d, e and 3 more``."""
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _describe_contents(folder: Path, limit: int = 5) -> str:
+    return describe_names(sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir()), limit)
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if count < 1000 or unit == "TB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return ""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What is at an output path, and whether this tool wrote it
+# --------------------------------------------------------------------------------------------------------------
+
+
+def written_files(folder: Path) -> List[str]:
+    """Every file under ``folder``, as sorted POSIX paths relative to it."""
+    return sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if not p.is_dir())
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """A kind of output this tool writes, and how to recognise one it wrote.
+
+    ``listed(path)`` returns the files this tool wrote there, from the output's own manifest (``None``: no manifest,
+    so nothing there is vouched for). A single file's ``listed`` returns ``{""}`` when the file is this tool's.
+    """
+
+    what: str  # "a previous merge", "a mask-Fisher file", ...
+    folder: bool
+    listed: Callable[[Path], Optional[set]]
+
+    def foreign(self, path: Path) -> Optional[List[str]]:
+        """Files in a folder output that its manifest does not list; None if it has no manifest."""
+        listed = self.listed(path)
+        if listed is None:
+            return None
+        return [name for name in written_files(path) if name not in listed]
+
+    def is_ours(self, path: Path) -> bool:
+        """Whether ``path`` is such an output, written by this tool and holding nothing the user added."""
+        if not self.folder:
+            return self.listed(path) is not None
+        return Path(path).is_dir() and self.foreign(path) == []
+
+
+def _merge_manifest(folder: Path) -> Optional[set]:
+    try:
+        files = json.loads((Path(folder) / MARKER).read_text()).get("files")
+    except (OSError, ValueError, AttributeError):  # no marker, or one that is not ours
+        return None
+    return {*files, MARKER} if isinstance(files, list) and all(isinstance(f, str) for f in files) else None
+
+
+def _png(path: Path) -> Optional[set]:
+    try:
+        with open(path, "rb") as handle:
+            return {""} if handle.read(8) == b"\x89PNG\r\n\x1a\n" else None
+    except OSError:
+        return None
+
+
+MERGE_OUTPUT = OutputKind("a previous merge", folder=True, listed=_merge_manifest)
+PNG_IMAGE = OutputKind("a PNG image", folder=False, listed=_png)
+
+
+def foreign_files(folder: Path) -> List[str]:
+    """Files in a merge output that the merge did not write (every file if it has no marker)."""
+    found = MERGE_OUTPUT.foreign(Path(folder))
+    return found if found is not None else written_files(folder)
+
+
+def is_merge_output(folder: Path) -> bool:
+    """Whether ``folder`` is a finished merge of this tool that holds nothing the user added."""
+    return MERGE_OUTPUT.is_ours(Path(folder))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checks made before any work
+# --------------------------------------------------------------------------------------------------------------
+
+
+def check_no_overlap(out, inputs: Mapping[str, Path], *, name: str = "output") -> None:
+    """Refuse ``out`` if it equals, contains or lies inside any input path (``{description: path}``). ``name`` is
+    the option that gave ``out`` (a Python parameter name; messages spell it as the user did)."""
     target = _resolved(out)
     for description, path in inputs.items():
         other = _resolved(path)
@@ -55,20 +160,76 @@ def check_no_overlap(out, inputs: Mapping[str, Path], *, option: str = "output")
         else:
             continue
         raise OutputPathError(
-            f"The {option} {out} {relation} {description} {path}; writing there could replace or delete it. "
+            f"The {subject(name)} {out} {relation} {description} {path}; writing there could replace or delete it. "
             "Choose a path outside every input."
         )
 
 
-def describe_names(names, limit: int = 5) -> str:
-    """``a, b, c`` or ``a, b, c, d, e and 3 more``."""
-    names = list(names)
-    shown = ", ".join(names[:limit])
-    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+def _working_directories() -> Dict[int, Path]:
+    """pid -> current folder of every process whose /proc entry this user may read (Linux), this one included."""
+    found = {os.getpid(): Path.cwd()}
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return found
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                found[int(entry.name)] = Path(os.readlink(entry / "cwd"))
+    return found
 
 
-def describe_contents(folder: Path, limit: int = 5) -> str:
-    return describe_names(sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir()), limit)
+def _process_name(pid: int) -> str:
+    if pid == os.getpid():
+        return "this command"
+    try:
+        return f"process {pid} ({Path(f'/proc/{pid}/comm').read_text().strip()})"
+    except OSError:
+        return f"process {pid}"
+
+
+def check_not_a_working_directory(out, *, name: str = "output") -> None:
+    """Refuse to replace a folder that is, or holds, a process's current folder (``.``, or a shell's folder): the
+    replacement would leave that process in a deleted folder."""
+    target = _resolved(out)
+    if not target.is_dir():
+        return
+    for pid, cwd in sorted(_working_directories().items(), key=lambda item: item[0] != os.getpid()):
+        cwd = _resolved(cwd)
+        if cwd == target or target in cwd.parents:
+            where = "the current folder of" if cwd == target else "a folder above the current folder of"
+            raise OutputPathError(
+                f"The {subject(name)} {out} is {where} {_process_name(pid)}; replacing it would leave that process "
+                "in a deleted folder. Choose another path (e.g. a new folder inside it)."
+            )
+
+
+def _nearest_existing(path: Path) -> Path:
+    return next(p for p in [path, *path.parents] if os.path.lexists(p))
+
+
+def check_writable(out, *, name: str = "output", needed_bytes: Optional[int] = None) -> None:
+    """Refuse before any work if the folder that will hold ``out`` cannot take a file (read-only, no permission,
+    no inodes), or has less free space than ``needed_bytes``."""
+    final = _final(out)
+    folder = _nearest_existing(final.parent)
+    if not folder.is_dir():
+        raise OutputPathError(f"The {subject(name)} {out} cannot be created: {folder} is a file, not a folder.")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=f".{final.name}.probe-", dir=folder)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise OutputPathError(
+            f"The {subject(name)} {out} cannot be written: {folder} does not take new files "
+            f"({error.strerror or error}). Choose a writable location."
+        ) from None
+    if needed_bytes:
+        free = shutil.disk_usage(folder).free
+        if free < needed_bytes:
+            raise OutputPathError(
+                f"The {subject(name)} {out} needs about {_size(needed_bytes)}, and {folder} has {_size(free)} free. "
+                "Free some space or choose another location."
+            )
 
 
 @dataclass(frozen=True)
@@ -77,62 +238,112 @@ class OutputClaim:
 
     out: Path
     overwrite: bool
-    is_ours: Callable[[Path], bool]
-    what: str
-    folder: bool
-    option: str
+    kind: OutputKind
+    name: str
 
     def check(self) -> None:
         try:
-            check_replaceable(self.out, overwrite=self.overwrite, is_ours=self.is_ours, what=self.what,
-                              folder=self.folder, option=self.option)
+            check_replaceable(self.out, self.kind, overwrite=self.overwrite, name=self.name)
         except OutputPathError as error:
             raise OutputPathError(f"While this run was working, something appeared at {self.out}: {error}") from None
 
 
-def check_replaceable(
-    out, *, overwrite: bool, is_ours: Callable[[Path], bool], what: str, folder: bool, option: str = "output"
-) -> OutputClaim:
-    """Allow writing ``out`` only if it is absent or empty, or if it is ``what`` (``is_ours``) and ``overwrite``.
-
-    ``folder`` says whether the output is a folder (a merge, a full Fisher) or a single file (a mask Fisher). Returns
-    the claim to hand to :func:`publish` / :func:`staged_file`, which repeat the check right before replacing.
-    """
+def check_replaceable(out, kind: OutputKind, *, overwrite: bool, name: str = "output") -> OutputClaim:
+    """Allow writing ``out`` only if it is absent (or an empty folder), or if this tool wrote it as ``kind`` and the
+    user passed ``overwrite``. Returns the claim to hand to :func:`publish` / :func:`staged_file`, which repeat the
+    check right before replacing."""
     path = Path(out)
-    claim = OutputClaim(path, overwrite, is_ours, what, folder, option)
-    parent = next((p for p in _resolved(path).parents if os.path.lexists(p)), None)
-    if parent is not None and not parent.is_dir():
-        raise OutputPathError(f"The {option} {path} cannot be created: {parent} is a file, not a folder.")
+    claim = OutputClaim(path, overwrite, kind, name)
+    spelled = subject(name)
+    parent = _nearest_existing(_resolved(path).parent)
+    if not parent.is_dir():
+        raise OutputPathError(f"The {spelled} {path} cannot be created: {parent} is a file, not a folder.")
     if not os.path.lexists(path):
         return claim
     if path.is_symlink():
-        raise OutputPathError(f"The {option} {path} is a symbolic link; refusing to write through it. Remove it first.")
-    if folder and path.is_file():
-        raise OutputPathError(f"The {option} {path} is a file; a folder was expected. Choose another path.")
-    if not folder and path.is_dir():
+        raise OutputPathError(f"The {spelled} {path} is a symbolic link; refusing to write through it. Remove it first.")
+    if kind.folder and not path.is_dir():
+        raise OutputPathError(f"The {spelled} {path} is a file; a folder was expected. Choose another path.")
+    if not kind.folder and path.is_dir():
         raise OutputPathError(
-            f"The {option} {path} is a folder; give the path of the file to write, e.g. {path / 'model.fisher.safetensors'}."
+            f"The {spelled} {path} is a folder; give the path of the file to write, e.g. "
+            f"{path / 'model.fisher.safetensors'}."
         )
-    if folder and not any(path.iterdir()):
+    if kind.folder and not any(path.iterdir()):
         return claim
-    if not is_ours(path):
-        held = f"holds files this tool did not write ({describe_contents(path)})" if folder else "is not " + what
+    if kind.folder:
+        foreign = kind.foreign(path)
+        if foreign is None:
+            raise OutputPathError(
+                f"The {spelled} {path} already exists and holds files this tool did not write "
+                f"({_describe_contents(path)}); refusing to replace it. Choose another path, or move it away yourself."
+            )
+        if foreign:
+            raise OutputPathError(
+                f"The {spelled} {path} holds {kind.what} plus files this tool did not write "
+                f"({describe_names(foreign)}); refusing to replace it. Move those files away, or choose another path."
+            )
+    elif not kind.is_ours(path):
         raise OutputPathError(
-            f"The {option} {path} already exists and {held}; refusing to replace it. Choose another path, or move it "
-            "away yourself."
+            f"The {spelled} {path} already exists and is not {kind.what}; refusing to replace it. Choose another "
+            "path, or move it away yourself."
         )
     if not overwrite:
-        raise OutputPathError(f"The {option} {path} already holds {what}. Pass --overwrite to replace it.")
+        raise OutputPathError(f"The {spelled} {path} already holds {kind.what}. Pass {flag('overwrite')} to replace it.")
     return claim
 
 
-def is_png(path: Path) -> bool:
-    """Whether ``path`` is a PNG image (what ``inspect --plot`` may replace)."""
+def claim_output(
+    out,
+    kind: OutputKind,
+    *,
+    overwrite: bool,
+    inputs: Mapping[str, Path],
+    name: str = "output",
+    needed_bytes: Optional[int] = None,
+) -> OutputClaim:
+    """Every check an output gets before any work: not over an input, not a working directory, replaceable,
+    writable with room to spare. Returns the claim that :func:`publish` / :func:`staged_file` check again."""
+    check_no_overlap(out, inputs, name=name)
+    claim = check_replaceable(out, kind, overwrite=overwrite, name=name)
+    if kind.folder:
+        check_not_a_working_directory(out, name=name)
+    check_writable(out, name=name, needed_bytes=needed_bytes)
+    return claim
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Writing: staged, atomic, and with one clear error for a disk that refuses
+# --------------------------------------------------------------------------------------------------------------
+
+_DISK_ERRORS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def _disk_errno(error: BaseException) -> Optional[int]:
+    """The errno of a write that the disk refused: an OSError, or safetensors' error wrapping one."""
+    if isinstance(error, OSError):
+        return error.errno if error.errno in _DISK_ERRORS else None
+    if type(error).__name__ == "SafetensorError":  # Rust's io::Error, as text: "... Os { code: 28, kind: ..."
+        match = re.search(r"\bcode: (\d+)", str(error))
+        if match and int(match.group(1)) in _DISK_ERRORS:
+            return int(match.group(1))
+    return None
+
+
+@contextlib.contextmanager
+def disk_errors(target) -> Iterator[None]:
+    """Within the block, a write the disk refuses (full, read-only, forbidden, over quota) becomes one
+    :class:`OutputPathError` naming ``target`` and the cause."""
     try:
-        with open(path, "rb") as handle:
-            return handle.read(8) == b"\x89PNG\r\n\x1a\n"
-    except OSError:
-        return False
+        yield
+    except Exception as error:
+        code = _disk_errno(error)
+        if code is None:
+            raise
+        raise OutputPathError(
+            f"Cannot write {target}: {os.strerror(code)}. Nothing was left there (an output it would have replaced "
+            "is kept); free space or choose a writable location, then run again."
+        ) from None
 
 
 def _staging_pattern(out: Path) -> "re.Pattern[str]":
@@ -153,6 +364,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _remove(path: Path) -> None:
+    """Remove a file or folder this module made; a failure (read-only disk) leaves it, and is not an error."""
+    with contextlib.suppress(OSError):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
 def remove_stale_staging(out) -> int:
     """Delete leftovers of earlier runs into ``out`` whose process has died on this host; return how many."""
     out = _final(out)
@@ -163,10 +383,7 @@ def remove_stale_staging(out) -> int:
         match = pattern.fullmatch(sibling.name)
         if match is None or match.group(1) != _HOST or _alive(int(match.group(2))):
             continue
-        if sibling.is_dir() and not sibling.is_symlink():
-            shutil.rmtree(sibling, ignore_errors=True)
-        else:
-            sibling.unlink(missing_ok=True)
+        _remove(sibling)
         removed += 1
     return removed
 
@@ -192,7 +409,7 @@ def _replace(staged: Path, out: Path, claim: Optional[OutputClaim]) -> None:
         previous = _staging_name(out, "replaced")
         os.replace(out, previous)
         os.replace(staged, out)
-        shutil.rmtree(previous, ignore_errors=True)
+        _remove(previous)
     else:
         os.replace(staged, out)
 
@@ -207,28 +424,101 @@ def _new_staging(out) -> Path:
 
 @contextlib.contextmanager
 def staged_folder(out) -> Iterator[Path]:
-    """Yield a hidden sibling folder to write into; on success the caller's :func:`publish` moves it to ``out``."""
-    staging = _new_staging(out)
-    staging.mkdir()
+    """Yield a hidden sibling folder to write into; on success the caller's :func:`publish` moves it to ``out``.
+    A disk that refuses a write inside the block is reported as one error; the staging folder is always removed."""
+    staging = None
     try:
-        yield staging
+        with disk_errors(out):
+            staging = _new_staging(out)
+            staging.mkdir()
+            yield staging
     finally:
-        shutil.rmtree(staging, ignore_errors=True)  # a no-op once published
+        if staging is not None:
+            _remove(staging)  # a no-op once published
 
 
 @contextlib.contextmanager
 def staged_file(out, claim: Optional[OutputClaim] = None) -> Iterator[Path]:
     """Yield a hidden sibling path to write one file to; it replaces ``out`` when the block ends without error (after
     ``claim`` is checked again)."""
-    staging = _new_staging(out)
+    staging = None
     try:
-        yield staging
-        _replace(staging, _final(out), claim)
+        with disk_errors(out):
+            staging = _new_staging(out)
+            yield staging
+            _replace(staging, _final(out), claim)
     finally:
-        staging.unlink(missing_ok=True)
+        if staging is not None:
+            _remove(staging)
 
 
 def publish(staging: Path, out, claim: Optional[OutputClaim] = None) -> None:
     """Move a finished staged folder into place, replacing an existing output (``claim`` is checked again first)."""
-    _replace(staging, _final(out), claim)
+    with disk_errors(out):
+        _replace(staging, _final(out), claim)
 
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file inside a staged output."""
+    with disk_errors(path):
+        Path(path).write_text(text, encoding="utf-8")
+
+
+def write_json(path: Path, value) -> None:
+    """Write JSON (two-space indent, keys in the order given) inside a staged output."""
+    write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    with disk_errors(path):
+        Path(path).write_bytes(data)
+
+
+def rename(old: Path, new: Path) -> None:
+    """Rename a file inside a staged output."""
+    with disk_errors(new):
+        os.replace(old, new)
+
+
+def save_tensors(tensors, path: Path, metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write a safetensors file whose header is byte-identical for identical inputs.
+
+    safetensors writes its ``__metadata__`` map in no fixed order, so two calibrations of the same model and data
+    would differ in their bytes. The header is rewritten in place with sorted keys: the same JSON, the same length.
+    """
+    from safetensors.torch import save_file
+
+    with disk_errors(path):
+        save_file({name: value.contiguous() for name, value in tensors.items()}, str(path), metadata=metadata)
+        with open(path, "r+b") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(length))
+            canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+            if len(canonical) <= length:  # safetensors pads its header with spaces to an 8-byte boundary
+                handle.seek(8)
+                handle.write(canonical + b" " * (length - len(canonical)))
+
+
+def save_figure(figure, path: Path, *, dpi: int) -> None:
+    """Render a matplotlib figure as PNG into ``path`` (a staged file)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, dpi=dpi, format="png")
+    write_bytes(path, buffer.getvalue())
+
+
+def write_marker(staging: Path, record: dict) -> None:
+    """Write the merge marker last: ``record`` plus the list of every file the merge wrote."""
+    write_json(staging / MARKER, {**record, "files": written_files(staging)})
+
+
+@contextlib.contextmanager
+def private_folder(parent) -> Iterator[Path]:
+    """A folder of this process's own inside the user's folder ``parent`` (created if needed), removed on exit;
+    the user's folder and anything else in it are left alone."""
+    with disk_errors(parent):
+        Path(parent).mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix="mergekit-fisher-offload-", dir=parent))
+    try:
+        yield folder
+    finally:
+        _remove(folder)

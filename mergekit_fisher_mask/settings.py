@@ -9,7 +9,6 @@ from __future__ import annotations
 import enum
 import functools
 import json
-import os
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union, get_args, get_origin
 
 import click
@@ -25,7 +24,9 @@ from pydantic import (
 )
 from typing_extensions import Annotated
 
-from .errors import SettingsError
+from .errors import SettingsError, option
+from .paths import user_path
+from .tasks import Task
 
 
 class Estimator(str, enum.Enum):
@@ -39,6 +40,47 @@ class Estimator(str, enum.Enum):
     @property
     def uses_labels(self) -> bool:
         return self in (Estimator.EMPIRICAL, Estimator.BATCH)
+
+    @property
+    def per_batch(self) -> bool:
+        """Squares each batch's gradient of the mean loss and sums over batches (so the result depends on the
+        batch size and is not averaged over examples); every other estimator squares per example and averages."""
+        return self == Estimator.BATCH
+
+
+# Which estimators each task's loss supports, and why the others are refused (the message names the alternatives).
+ESTIMATORS: Dict[Task, Tuple[Estimator, ...]] = {
+    Task.CLASSIFICATION: (Estimator.EMPIRICAL, Estimator.EXPECTED, Estimator.SAMPLED, Estimator.BATCH),
+    Task.REGRESSION: (Estimator.EMPIRICAL, Estimator.BATCH),
+    Task.CAUSAL_LM: (Estimator.EMPIRICAL, Estimator.SAMPLED, Estimator.BATCH),
+    Task.TOKEN_CLASSIFICATION: (Estimator.EMPIRICAL, Estimator.SAMPLED, Estimator.BATCH),
+    Task.QUESTION_ANSWERING: (Estimator.EMPIRICAL, Estimator.BATCH),
+    Task.SEQ2SEQ: (Estimator.EMPIRICAL, Estimator.SAMPLED, Estimator.BATCH),
+}
+_REFUSED_BECAUSE = {
+    (Estimator.EXPECTED, Task.REGRESSION): "a regressor (num_labels=1) has no distribution over labels to sum over",
+    (Estimator.SAMPLED, Task.REGRESSION): "a regressor (num_labels=1) has no distribution over labels to draw from",
+    (Estimator.EXPECTED, Task.QUESTION_ANSWERING): "it would sum over every start and end position",
+    (Estimator.SAMPLED, Task.QUESTION_ANSWERING): "drawing start and end positions is not implemented",
+    (Estimator.EXPECTED, Task.TOKEN_CLASSIFICATION): "it needs one backward pass per token and label; sampled "
+    "estimates the same Fisher without bias",
+    (Estimator.EXPECTED, Task.CAUSAL_LM): "it sums over the whole vocabulary at every position; sampled estimates "
+    "the same Fisher without bias",
+    (Estimator.EXPECTED, Task.SEQ2SEQ): "it sums over the whole vocabulary at every position; sampled estimates "
+    "the same Fisher without bias",
+}
+
+
+def check_estimator(estimator: "Estimator", task: Task) -> None:
+    """Refuse an estimator that has no meaning for the model's task, before any work."""
+    estimator = Estimator(estimator)
+    supported = ESTIMATORS[task]
+    if estimator not in supported:
+        why = _REFUSED_BECAUSE.get((estimator, task), "it is not implemented for this task")
+        raise SettingsError(
+            f"The {estimator.value} estimator does not apply to a {task.value} model: {why}. Use "
+            + " or ".join(f"{option('estimator')} {e.value}" for e in supported) + "."
+        )
 
 
 class Aggregate(str, enum.Enum):
@@ -160,9 +202,15 @@ class CalibrationSettings(BaseModel):
             return value
         if not value.endswith(".json"):
             raise ValueError(f"expected one of {', '.join(DEVICE_MAP_STRATEGIES)} or a .json file")
-        if not os.path.isfile(value):
-            raise ValueError(f"device-map file {value} does not exist")
-        return value
+        path = user_path(value)
+        if not path.is_file():
+            raise ValueError(f"device-map file {path} does not exist")
+        return str(path)
+
+    @field_validator("offload_folder")
+    @classmethod
+    def _resolved_folder(cls, value):
+        return None if value is None else str(user_path(value))
 
     @model_validator(mode="after")
     def _aggregate_needs_per_example_gradients(self):
@@ -195,7 +243,7 @@ class CalibrationSettings(BaseModel):
         for name, field in type(self).model_fields.items():
             if (field.json_schema_extra or {}).get("placement"):
                 values.pop(name)
-        if self.estimator != Estimator.BATCH:
+        if not self.estimator.per_batch:
             values.pop("batch_size")
         return values
 

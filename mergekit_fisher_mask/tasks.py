@@ -36,6 +36,11 @@ class Task(str, enum.Enum):
         """The transformers Auto class that loads this head."""
         return _AUTO_CLASSES[self]
 
+    @property
+    def pipeline_tag(self) -> str:
+        """The Hugging Face Hub's ``pipeline_tag`` for a model with this head."""
+        return _PIPELINE_TAGS[self]
+
 
 _LOSSES = {
     Task.CLASSIFICATION: Loss.CROSS_ENTROPY,
@@ -52,6 +57,14 @@ _AUTO_CLASSES = {
     Task.TOKEN_CLASSIFICATION: "AutoModelForTokenClassification",
     Task.QUESTION_ANSWERING: "AutoModelForQuestionAnswering",
     Task.SEQ2SEQ: "AutoModelForSeq2SeqLM",
+}
+_PIPELINE_TAGS = {
+    Task.CLASSIFICATION: "text-classification",
+    Task.REGRESSION: "text-classification",
+    Task.CAUSAL_LM: "text-generation",
+    Task.TOKEN_CLASSIFICATION: "token-classification",
+    Task.QUESTION_ANSWERING: "question-answering",
+    Task.SEQ2SEQ: "text2text-generation",
 }
 # Architecture class-name suffix -> the task of that head (the first matching suffix wins).
 _HEAD_SUFFIXES: Tuple[Tuple[str, Task], ...] = (

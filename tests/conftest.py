@@ -193,7 +193,7 @@ def reference_fisher(model_dir, examples):
 
 def reference_examples(model_dir, data_path, samples, **select):
     """Select examples as calibration does, then build each one's inputs and HF loss arguments independently."""
-    from mergekit_fisher_mask.calibrate.data import select_examples
+    from mergekit_fisher_mask.calibration.data import select_examples
 
     config = transformers.AutoConfig.from_pretrained(model_dir)
     task = task_of(config)

@@ -97,7 +97,7 @@ def test_max_length_is_capped_at_absolute_positions(arch, positions, limit, mode
     assert caplog.text.count(f"max_length 256 is more than the model's {limit} positions; using {limit}") == 1
     explicit = calibrate(model, str(data), tmp_path / "b.safetensors",
                          CalibrationSettings(samples=8, batch_size=4, max_length=limit), progress=False)
-    assert torch.equal(capped.head, explicit.head) and capped.data["max_length"] == limit
+    assert torch.equal(capped.groups["head_fisher"], explicit.groups["head_fisher"]) and capped.data["max_length"] == limit
 
 
 def test_rotary_models_past_their_length_warn(model_zoo, tmp_path, caplog):
@@ -290,7 +290,7 @@ def test_hub_dataset_names_and_missing_files(source, hub, monkeypatch, tmp_path)
     """org/name[:config][@split] goes to datasets; a path-like name that does not exist is a missing file."""
     import datasets
 
-    from mergekit_fisher_mask.calibrate.data import load_rows
+    from mergekit_fisher_mask.calibration.data import load_rows
 
     calls = []
     monkeypatch.setattr(datasets, "load_dataset", lambda name, config, split: calls.append((name, config, split)))

@@ -24,7 +24,7 @@ from transformers import AutoTokenizer
 
 from mergekit_fisher_mask import CalibrationSettings, calibrate, load_mask_fisher
 from mergekit_fisher_mask.architectures import NodeShape
-from mergekit_fisher_mask.calibrate.data import select_examples
+from mergekit_fisher_mask.calibration.data import select_examples
 
 
 def assert_groups_close(actual, expected, rel=1e-5):
@@ -73,7 +73,7 @@ def test_micro_batches_do_not_change_the_result(estimator, model_zoo, text_data,
 
 
 def test_automatic_micro_batch_size_bounds_activations():
-    from mergekit_fisher_mask.calibrate import auto_micro_batch_size
+    from mergekit_fisher_mask.calibration import auto_micro_batch_size
 
     smollm2 = NodeShape("llama", 30, 9, 3, 64, 1536, 576)
     minilm = NodeShape("bert", 6, 12, 12, 32, 1536, 384)
@@ -128,13 +128,13 @@ def test_sampled_estimator_is_reproducible_and_differs_from_empirical(model_zoo,
         str(model_zoo("llama")), str(text_data), tmp_path / "c.safetensors",
         CalibrationSettings(samples=12, batch_size=4, seed=3), progress=False,
     )
-    assert torch.equal(first.head, again.head)
-    assert not torch.allclose(first.head, empirical.head)
-    assert (first.head > 0).all()
+    assert torch.equal(first.groups["head_fisher"], again.groups["head_fisher"])
+    assert not torch.allclose(first.groups["head_fisher"], empirical.groups["head_fisher"])
+    assert (first.groups["head_fisher"] > 0).all()
 
 
 def test_chunked_lm_loss_equals_unchunked(model_zoo):
-    from mergekit_fisher_mask.calibrate.losses import causal_lm_losses
+    from mergekit_fisher_mask.calibration.losses import causal_lm_losses
 
     model = build_model("llama")
     batch = {"input_ids": torch.randint(3, 200, (3, 9)), "attention_mask": torch.ones(3, 9, dtype=torch.long)}
@@ -148,7 +148,7 @@ def test_chunked_lm_loss_equals_unchunked(model_zoo):
 
 def test_fused_frozen_head_loss_matches_autograd():
     """With a frozen head the loss and its gradient come from the fused path; both must equal plain autograd."""
-    from mergekit_fisher_mask.calibrate.losses import causal_lm_losses
+    from mergekit_fisher_mask.calibration.losses import causal_lm_losses
 
     model = build_model("qwen3")
     batch = {"input_ids": torch.randint(3, 200, (3, 9)), "attention_mask": torch.ones(3, 9, dtype=torch.long)}
@@ -170,7 +170,7 @@ def test_fused_frozen_head_loss_matches_autograd():
 
 def test_parameters_stay_untouched(model_zoo, text_data, tmp_path):
     from mergekit_fisher_mask import compute_mask_fisher
-    from mergekit_fisher_mask.calibrate.data import CalibrationDataset, encode_labels, prepare_tokenizer
+    from mergekit_fisher_mask.calibration.data import CalibrationDataset, encode_labels, prepare_tokenizer
 
     model_dir = model_zoo("bert")
     model = load_reference_model(model_dir)
@@ -220,8 +220,8 @@ def test_two_processes_equal_one(model_zoo, text_data, tmp_path):
     subprocess.run([*launch, *args, "--out", str(double)], check=True, env=env)
     one, two = load_mask_fisher(single), load_mask_fisher(double)
     assert one.samples == two.samples == 11
-    assert_close(two.head, one.head)
-    assert_close(two.ffn, one.ffn)
+    assert_close(two.groups["head_fisher"], one.groups["head_fisher"])
+    assert_close(two.groups["ffn_fisher"], one.groups["ffn_fisher"])
     assert two.data["processes"] == 2
 
 
@@ -232,9 +232,9 @@ def test_bf16_mixed_precision_stays_close_to_fp32(model_zoo, text_data, tmp_path
         model_dir, str(text_data), tmp_path / "b.safetensors",
         CalibrationSettings(samples=8, mixed_precision="bf16"), progress=False,
     )
-    assert bf16.head.dtype == torch.float32 and torch.isfinite(bf16.head).all()
+    assert bf16.groups["head_fisher"].dtype == torch.float32 and torch.isfinite(bf16.groups["head_fisher"]).all()
     # bf16 keeps ~3 significant digits; the per-head ranking and scale must survive.
-    assert_close(bf16.head, fp32.head, rel=0.1)
+    assert_close(bf16.groups["head_fisher"], fp32.groups["head_fisher"], rel=0.1)
 
 
 def test_left_padded_batches_are_refused(model_zoo):

@@ -43,10 +43,13 @@ def test_card_of_a_real_merge_loads_and_carries_the_details(recipe_file, tmp_pat
 
 
 def test_card_lists_hub_ids_as_base_models(tmp_path):
-    (tmp_path / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    from transformers import LlamaConfig
+
+    config = LlamaConfig()
+    config.architectures = ["LlamaForCausalLM"]
     text = "merge_method: fisher_mask\nmodels:\n  - model: org/a\n  - model: org/b\n"
     recipe = Recipe(yaml.safe_load(text), source_text=text, path=str(tmp_path / "r.yml"))
-    write_model_card(tmp_path, recipe, {}, heads_from=None)
+    write_model_card(tmp_path, recipe, {}, config=config, heads_from=None)
     card = ModelCard.load(tmp_path / "README.md")
     assert card.data.base_model == ["org/a", "org/b"] and card.data.pipeline_tag == "text-generation"
 

@@ -15,7 +15,7 @@ from conftest import WORDS, assert_close, make_tokenizer, reference_fisher, writ
 from transformers import AutoTokenizer
 
 from mergekit_fisher_mask import CalibrationDataError, CalibrationSettings, Task, calibrate
-from mergekit_fisher_mask.calibrate.data import select_examples
+from mergekit_fisher_mask.calibration.data import select_examples
 
 # ChatML, with generation blocks around what an assistant turn says (its end-of-turn token included).
 TEMPLATE = (
@@ -74,8 +74,8 @@ def test_messages_loss_is_on_assistant_turns(chat_model, tmp_path):
 
     expected = reference(chat_model, data, inputs)
     assert fisher.data["kind"] == "chat" and fisher.samples == 6
-    assert_close(fisher.head, expected["head_fisher"])
-    assert_close(fisher.ffn, expected["ffn_fisher"])
+    assert_close(fisher.groups["head_fisher"], expected["head_fisher"])
+    assert_close(fisher.groups["ffn_fisher"], expected["ffn_fisher"])
 
 
 def test_prompt_completion_strings_score_the_completion(chat_model, tmp_path):
@@ -93,8 +93,8 @@ def test_prompt_completion_strings_score_the_completion(chat_model, tmp_path):
 
     expected = reference(chat_model, data, inputs)
     assert fisher.data["kind"] == "completion"
-    assert_close(fisher.head, expected["head_fisher"])
-    assert_close(fisher.ffn, expected["ffn_fisher"])
+    assert_close(fisher.groups["head_fisher"], expected["head_fisher"])
+    assert_close(fisher.groups["ffn_fisher"], expected["ffn_fisher"])
 
 
 def test_conversational_prompt_completion_scores_the_completion_turns(chat_model, tmp_path):
@@ -115,8 +115,8 @@ def test_conversational_prompt_completion_scores_the_completion_turns(chat_model
         return {k: encoded[k] for k in ("input_ids", "attention_mask")}, {"labels": labels}
 
     expected = reference(chat_model, data, inputs)
-    assert_close(fisher.head, expected["head_fisher"])
-    assert_close(fisher.ffn, expected["ffn_fisher"])
+    assert_close(fisher.groups["head_fisher"], expected["head_fisher"])
+    assert_close(fisher.groups["ffn_fisher"], expected["ffn_fisher"])
 
 
 @pytest.mark.parametrize(

@@ -113,26 +113,26 @@ def test_classifiers_with_different_num_labels_take_head_from_base(model_zoo, tm
 
     # A re-run reuses the cached Fisher files instead of calibrating again.
     stamps = {p: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}
-    import mergekit_fisher_mask.pipeline as pipeline
+    import mergekit_fisher_mask.cache as cache_module
 
     def fail(*args, **kwargs):
         raise AssertionError("calibrated again despite the cache")
 
-    original, pipeline.calibrate_mask = pipeline.calibrate_mask, fail
+    original, cache_module.measure_statistic = cache_module.measure_statistic, fail
     try:
         invoke("merge", recipe, out, "--fisher-cache", cache, "--overwrite")
     finally:
-        pipeline.calibrate_mask = original
+        cache_module.measure_statistic = original
     assert stamps == {p: p.stat().st_mtime_ns for p in cache.glob("*.safetensors")}
 
     # --heads merge cannot merge heads of two shapes: refused before any calibration, with the shapes named.
-    pipeline.calibrate_mask = fail
+    cache_module.measure_statistic = fail
     try:
-        with pytest.raises(RecipeError, match=r"--heads merge needs task heads of one shape.*\(3, 32\).*\(2, 32\)"):
+        with pytest.raises(RecipeError, match=r"heads merge needs task heads of one shape.*\(3, 32\).*\(2, 32\)"):
             run_fisher_merge(str(recipe), str(tmp_path / "other"), MergeOptions(quiet=True), heads="merge",
                              cache_dir=tmp_path / "empty-cache")
     finally:
-        pipeline.calibrate_mask = original
+        cache_module.measure_statistic = original
 
 
 def test_no_base_model_uses_first_and_says_so(model_zoo, text_data, tmp_path, caplog):

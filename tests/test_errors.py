@@ -108,12 +108,12 @@ def test_corrupt_fisher_files(fishers, tmp_path, corruption):
         save_file({"w": torch.zeros(2)}, str(bad))
         match = "not a mask-Fisher file"
     elif corruption == "nan":
-        head = good.head.clone()
+        head = good.groups["head_fisher"].clone()
         head[1, 2] = float("nan")
-        save_file({"head_fisher": head, "ffn_fisher": good.ffn}, str(bad), metadata=meta)
+        save_file({"head_fisher": head, "ffn_fisher": good.groups["ffn_fisher"]}, str(bad), metadata=meta)
         match = "NaN or inf"
     else:
-        save_file({"head_fisher": good.head[:, :2].contiguous(), "ffn_fisher": good.ffn}, str(bad), metadata=meta)
+        save_file({"head_fisher": good.groups["head_fisher"][:, :2].contiguous(), "ffn_fisher": good.groups["ffn_fisher"]}, str(bad), metadata=meta)
         match = "head_fisher has shape"
     with pytest.raises(FisherFileError, match=match):
         load_mask_fisher(bad)
@@ -134,7 +134,7 @@ def test_missing_columns(model_zoo, text_data, tmp_path):
 
 def test_empty_data(model_zoo, tmp_path):
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"text": "  ", "label": 0}, {"text": "", "label": 1}])
-    with pytest.raises(CalibrationDataError, match="no non-empty examples"):
+    with pytest.raises(CalibrationDataError, match="no usable example"):
         calibrate(str(model_zoo("bert")), str(empty), tmp_path / "f.safetensors", progress=False)
     with pytest.raises(CalibrationDataError, match="does not exist"):
         calibrate(str(model_zoo("bert")), str(tmp_path / "missing.jsonl"), tmp_path / "f.safetensors", progress=False)
@@ -180,7 +180,7 @@ def test_previous_merge_is_refused_unless_overwrite(fishers, tmp_path):
     out = tmp_path / "out"
     run_fisher_merge(str(path), str(out), OPTIONS)
     first = (out / MARKER).read_bytes()
-    with pytest.raises(FisherMaskError, match="already holds a previous merge.*--overwrite"):
+    with pytest.raises(FisherMaskError, match="already holds a previous merge.*overwrite=True"):
         run_fisher_merge(str(path), str(out), OPTIONS)
     assert (out / MARKER).read_bytes() == first
     run_fisher_merge(str(path), str(out), OPTIONS, overwrite=True)

@@ -87,3 +87,18 @@ def test_paper_protocol_pipeline_end_to_end(tmp_path, monkeypatch):
     assert "| linear |" in (results / "results.md").read_text()
     for png in ("normalized_accuracy.png", "heatmaps.png"):
         assert (results / png).stat().st_size > 1000
+
+
+def test_gpu_check_dry_run(tmp_path, capsys):
+    """examples/gpu_check/run.py cannot rot between the rare sessions that have a GPU: its CPU dry run runs here."""
+    gpu_check = load_example("gpu_check_run", EXAMPLES / "gpu_check" / "run.py")
+    assert gpu_check.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    for variant in gpu_check.VARIANTS:
+        entry = report["passes"]["tiny"][variant]
+        assert entry["forward"]["seconds"] > 0 and entry["mask"]["seconds"] > 0 and entry["micro_batch"] >= 1
+    offload = report["offload"]
+    assert offload["device map"]["checkpointing"] and offload["head_fisher_max_rel_diff"] < 1e-5
+    assert report["merge"]["linear_seconds"] > 0 and report["merge"]["fisher_mask_seconds"] > 0
+    assert (tmp_path / "work" / "merged-fisher_mask" / "fisher_merge.json").is_file()
+    assert "| tiny | float32 |" in capsys.readouterr().out

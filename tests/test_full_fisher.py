@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import mergekit_fisher_mask.files.full as full_fisher
-from mergekit_fisher_mask import FISHER, CalibrationSettings, calibrate_full
-from mergekit_fisher_mask.calibrate.data import select_examples
+from mergekit_fisher_mask import FISHER, CalibrationSettings, FullFisher, NodeShape, calibrate_full
+from mergekit_fisher_mask.checkpoints import shard_map
+from mergekit_fisher_mask.calibration.data import select_examples
 from mergekit_fisher_mask.cli import main
 from mergekit_fisher_mask.files import INDEX_NAME, FullFisherReader
 from mergekit_fisher_mask.tasks import Task
@@ -60,9 +61,10 @@ def test_full_fisher_matches_batch_of_one_reference(arch, model_zoo, text_data, 
         config_file.write_text(json.dumps({**config, "model_input_names": ["input_ids", "token_type_ids", "attention_mask"]}))
         assert set(AutoTokenizer.from_pretrained(model_dir)("w1", "w2")["token_type_ids"]) == {0, 1}
     out = tmp_path / "full"
-    fisher, count = calibrate_full(
+    result = calibrate_full(
         str(model_dir), str(data_file), out, CalibrationSettings(samples=6, batch_size=4, chunk_size=3), progress=False
     )
+    fisher, count = result.tensors, result.samples
     data = select_examples(str(data_file), samples=6, seed=0, needs_labels=task_of_arch(arch) != Task.CAUSAL_LM)
     assert not pairs or len(data.examples[0]) == 2
     reference = reference_full_fisher(model_dir, data.examples, data.labels)
@@ -72,9 +74,9 @@ def test_full_fisher_matches_batch_of_one_reference(arch, model_zoo, text_data, 
         # BERT's key.bias has an analytically zero gradient: both sides are round-off there.
         tolerance = 1e-4 * ref.abs().max() + 1e-6 * scale
         assert (fisher[name] - ref).abs().max() <= tolerance, name
-    reader = FullFisherReader(str(out))
-    assert reader.metadata["samples"] == "6" and reader.metadata["estimator"] == "empirical"
-    torch.testing.assert_close(reader.get(next(iter(reference))), fisher[next(iter(reference))])
+    reader = FullFisher.read(out)
+    assert reader.samples == 6 and reader.estimator == "empirical" and reader.shape == result.shape
+    torch.testing.assert_close(reader.tensors[next(iter(reference))], fisher[next(iter(reference))])
 
 
 def test_full_fisher_is_sharded_like_the_model(tmp_path, text_data):
@@ -93,6 +95,14 @@ def test_full_fisher_is_sharded_like_the_model(tmp_path, text_data):
         assert {index["weight_map"][p] for p in partners} == {shard}
 
 
+def save_full(model, fisher, model_dir, out):
+    """A full-Fisher folder of ``fisher`` (tensor name -> values) for ``model``, saved in ``model_dir``."""
+    shape = NodeShape.from_config(model.config)
+    record = FullFisher(shape=shape, fingerprint="test", samples=1, estimator="empirical", loss="x", tensors=fisher,
+                        shard_of=shard_map(model_dir))
+    return record.save(out)
+
+
 def make_full_fishers(tmp_path, models, zero_fraction=0.3):
     """Random positive Fishers with some exact zeros (to exercise the floor), written in the real format."""
     paths = []
@@ -107,19 +117,18 @@ def make_full_fishers(tmp_path, models, zero_fraction=0.3):
             fisher[name] = values
         directory = tmp_path / f"full{k}"
         model.save_pretrained(tmp_path / f"m{k}")
-        full_fisher.save_full_fisher(fisher, tmp_path / f"m{k}", directory, {"model_type": model.config.model_type})
+        save_full(model, fisher, tmp_path / f"m{k}", directory)
         paths.append((str(directory), fisher))
     return paths
 
 
-@pytest.mark.parametrize("normalize", [True, False])
-def test_fisher_merge_matches_formula(tmp_path, normalize):
+@pytest.mark.parametrize("normalize, floor", [(True, 1e-6), (False, 1e-6), (False, 0.0)])
+def test_fisher_merge_matches_formula(tmp_path, normalize, floor):
     from conftest import build_model
 
     models = [build_model("gpt2", seed=s) for s in range(3)]
     lambdas = [1.0, 2.0, 0.5]
     fishers = make_full_fishers(tmp_path, models)
-    floor = 1e-6
     merged = merge_state_dicts(
         [m.state_dict() for m in models], FISHER,
         parameters={"fisher": [p for p, _ in fishers], "weight": lambdas, "fisher_floor": floor, "normalize": normalize},
@@ -128,7 +137,11 @@ def test_fisher_merge_matches_formula(tmp_path, normalize):
     for name, out in merged.items():
         if not out.is_floating_point():
             continue
-        weights = [l * ((f[name] / (n if normalize else 1)).clamp_min(floor)) for l, (_, f), n in zip(lambdas, fishers, norms)]
+        # The floor is relative to each model's own L2 norm; an entry zero in every model takes the lambda mean.
+        weights = [l * f[name].double().clamp_min(floor * n) / (n if normalize else 1)
+                   for l, (_, f), n in zip(lambdas, fishers, norms)]
+        total = sum(weights)
+        weights = [torch.where(total == 0, torch.tensor(l, dtype=torch.float64), w) for l, w in zip(lambdas, weights)]
         expected = sum(w * m.state_dict()[name] for w, m in zip(weights, models)) / sum(weights)
         torch.testing.assert_close(out, expected.float(), rtol=1e-5, atol=1e-6, msg=name)
 
@@ -161,7 +174,7 @@ def test_a_negative_full_fisher_tensor_is_refused(tmp_path):
     name = next(iter(fisher))
     fisher[name][0] = -1.0
     model.save_pretrained(tmp_path / "m")
-    full_fisher.save_full_fisher(fisher, tmp_path / "m", tmp_path / "full", {"model_type": "gpt2"})
+    save_full(model, fisher, tmp_path / "m", tmp_path / "full")
     with pytest.raises(FisherFileError, match="negative values"):
         FullFisherReader(str(tmp_path / "full")).get(name)
 

@@ -19,7 +19,7 @@ def fisher_file(path, seed, scale=1.0):
     generator = torch.Generator().manual_seed(seed)
     head = scale * torch.rand(shape.num_layers, shape.num_heads, generator=generator)
     ffn = scale * torch.rand(shape.num_layers, shape.intermediate_size, generator=generator)
-    fisher = MaskFisher(head=head, ffn=ffn, shape=shape, fingerprint="x", samples=3, estimator="empirical", loss="l")
+    fisher = MaskFisher(groups={"head_fisher": head, "ffn_fisher": ffn}, shape=shape, fingerprint="x", samples=3, estimator="empirical", loss="l")
     save_mask_fisher(fisher, path)
     return fisher
 
@@ -28,12 +28,12 @@ def test_summary_numbers_match_hand_computation(tmp_path):
     fisher = fisher_file(tmp_path / "a.safetensors", seed=0)
     summary = summarize_mask(fisher, top_k=3)
     for layer in range(2):
-        assert summary.head_mean[layer] == pytest.approx(sum(fisher.head[layer].tolist()) / 4, rel=1e-6)
-        assert summary.ffn_max[layer] == pytest.approx(max(fisher.ffn[layer].tolist()))
-    flat = sorted(((v, l, h) for l, row in enumerate(fisher.head.tolist()) for h, v in enumerate(row)), reverse=True)
+        assert summary.head_mean[layer] == pytest.approx(sum(fisher.groups["head_fisher"][layer].tolist()) / 4, rel=1e-6)
+        assert summary.ffn_max[layer] == pytest.approx(max(fisher.groups["ffn_fisher"][layer].tolist()))
+    flat = sorted(((v, l, h) for l, row in enumerate(fisher.groups["head_fisher"].tolist()) for h, v in enumerate(row)), reverse=True)
     assert [(l, h) for _, l, h in flat[:3]] == [(l, h) for l, h, _ in summary.top_heads]
     # 8 heads: the top 10% is the single largest head.
-    assert summary.head_top10_share == pytest.approx(flat[0][0] / sum(v for v, _, _ in flat), rel=1e-6)
+    assert summary.shares["head_fisher"] == pytest.approx(flat[0][0] / sum(v for v, _, _ in flat), rel=1e-6)
     assert top_share(torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])) == pytest.approx(0.1)
 
 
@@ -41,13 +41,13 @@ def test_merge_shares_and_quantiles(tmp_path):
     a = fisher_file(tmp_path / "a.safetensors", seed=0)
     b = fisher_file(tmp_path / "b.safetensors", seed=1, scale=100.0)
     heads, ffn = merge_shares([a, b], Normalize.NONE)
-    torch.testing.assert_close(heads[1], b.head / (a.head + b.head))
-    torch.testing.assert_close(heads.sum(0), torch.ones_like(a.head))
+    torch.testing.assert_close(heads[1], b.groups["head_fisher"] / (a.groups["head_fisher"] + b.groups["head_fisher"]))
+    torch.testing.assert_close(heads.sum(0), torch.ones_like(a.groups["head_fisher"]))
     layer_heads, _ = merge_shares([a, b], Normalize.LAYER)
     assert layer_heads[1].mean() < 0.9, "per-layer normalization removes the 100x scale advantage"
-    quantiles = neuron_quantiles(a.ffn, count=5)
-    torch.testing.assert_close(quantiles[:, 0], a.ffn.amin(dim=1))
-    torch.testing.assert_close(quantiles[:, -1], a.ffn.amax(dim=1))
+    quantiles = neuron_quantiles(a.groups["ffn_fisher"], count=5)
+    torch.testing.assert_close(quantiles[:, 0], a.groups["ffn_fisher"].amin(dim=1))
+    torch.testing.assert_close(quantiles[:, -1], a.groups["ffn_fisher"].amax(dim=1))
 
 
 def test_cli_text_and_png(tmp_path):
@@ -67,12 +67,11 @@ def test_cli_text_and_png(tmp_path):
 
 
 def test_cli_full_fisher_summary(tmp_path):
-    from mergekit_fisher_mask.files import save_full_fisher
+    from mergekit_fisher_mask.files import FullFisher
 
     model = build_model("bert")
-    model.save_pretrained(tmp_path / "m")
     fisher = {name: torch.full_like(p, 2.0) for name, p in model.named_parameters()}
-    save_full_fisher(fisher, tmp_path / "m", tmp_path / "full", {"model_type": "bert"})
+    FullFisher(shape=NodeShape.from_config(model.config), samples=3, tensors=fisher).save(tmp_path / "full")
     result = CliRunner().invoke(main, ["inspect", str(tmp_path / "full")], catch_exceptions=False)
     assert result.exit_code == 0
     total = sum(p.numel() for p in model.parameters())

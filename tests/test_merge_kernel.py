@@ -13,7 +13,6 @@ import mergekit_fisher_mask
 from mergekit_fisher_mask import FISHER_MASK, MaskFisher, NodeShape, save_mask_fisher
 from mergekit_fisher_mask.errors import FisherMaskError
 
-EPS = 1e-10
 
 
 def write_fisher(path, model, seed, zero=False):
@@ -24,7 +23,7 @@ def write_fisher(path, model, seed, zero=False):
     ffn = 10 ** (4 * torch.rand(shape.num_layers, shape.intermediate_size, generator=generator) - 6)
     if zero:
         head, ffn = torch.zeros_like(head), torch.zeros_like(ffn)
-    fisher = MaskFisher(head=head, ffn=ffn, shape=shape, fingerprint="test", samples=1, estimator="empirical", loss="x")
+    fisher = MaskFisher(groups={"head_fisher": head, "ffn_fisher": ffn}, shape=shape, fingerprint="test", samples=1, estimator="empirical", loss="x")
     save_mask_fisher(fisher, path)
     return fisher
 
@@ -54,8 +53,8 @@ def expected_weight(arch, name, shape, head, ffn, scheme, kv_heads, head_dim):
     paper = scheme == "paper"
     match = re.fullmatch(LAYER[arch], name)
     if match is None:
-        if paper and re.fullmatch(EMBEDDING[arch], name):
-            return torch.full(shape, float(torch.cat([head.flatten(), ffn.flatten()]).mean()))
+        if paper and re.fullmatch(EMBEDDING[arch], name):  # the authors' universal weight: mean(H) + mean(N)
+            return torch.full(shape, float(head.mean(dim=1).mean() + ffn.mean(dim=1).mean()))
         return None
     layer, suffix = int(match[1]), match[2]
     h, n = head[layer], ffn[layer]
@@ -148,7 +147,7 @@ def test_every_tensor_matches_hand_computation(arch, scheme, normalize, tmp_path
     for name, out in merged.items():
         thetas = [m.state_dict()[name] for m in models]
         weights = [
-            expected_weight(arch, name, tuple(out.shape), normalized(f.head, normalize), normalized(f.ffn, normalize),
+            expected_weight(arch, name, tuple(out.shape), normalized(f.groups["head_fisher"], normalize), normalized(f.groups["ffn_fisher"], normalize),
                             scheme, shape.num_kv_heads, shape.head_dim)
             for f in fishers
         ]
@@ -156,7 +155,7 @@ def test_every_tensor_matches_hand_computation(arch, scheme, normalize, tmp_path
             expected = sum(l * t for l, t in zip(lambdas, thetas)) / sum(lambdas)
         else:
             checked_weighted += 1
-            weights = [l * w.clamp_min(EPS) for l, w in zip(lambdas, weights)]
+            weights = [l * w for l, w in zip(lambdas, weights)]  # no floor: the authors use none
             expected = sum(w * t for w, t in zip(weights, thetas)) / sum(weights)
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6, msg=name)
     assert checked_weighted >= 10

@@ -27,7 +27,7 @@ def setup(tmp_path):
 
 
 def head_rows(fisher, layer=1, head_dim=8):
-    return fisher.head[layer].repeat_interleave(head_dim)[:, None]  # (H * d, 1)
+    return fisher.groups["head_fisher"][layer].repeat_interleave(head_dim)[:, None]  # (H * d, 1)
 
 
 def merge(states, paths, **parameters):
@@ -38,7 +38,7 @@ def test_power_raises_fisher_to_a_power(setup):
     states, fishers, paths = setup
     for power in (0.0, 0.5, 2.0):
         merged = merge(states, paths, power=power, normalize="none")
-        weights = [(head_rows(f) ** power).clamp_min(1e-10) for f in fishers[1:]]  # the kernel's epsilon floor
+        weights = [head_rows(f) ** power for f in fishers[1:]]  # no floor by default
         expected = sum(w * s[NAME] for w, s in zip(weights, states[1:])) / sum(weights)
         torch.testing.assert_close(merged[NAME], expected, rtol=1e-5, atol=1e-6)
     plain = merge(states, paths, power=0.0)  # power 0: every node alike, which is `linear`
@@ -103,11 +103,12 @@ def test_sparsify_needs_a_base_model(setup):
 def test_mean_fisher_rule_for_uncovered_tensors(setup):
     states, fishers, paths = setup
     merged = merge(states, paths, uncovered="mean_fisher", normalize="none")
-    weights = [float(f.head[1].mean()) for f in fishers[1:]]  # the attention block's norm: its layer's mean head F
+    weights = [float(f.groups["head_fisher"][1].mean()) for f in fishers[1:]]  # the attention block's norm: its layer's mean head F
     expected = sum(w * s[NORM] for w, s in zip(weights, states[1:])) / sum(weights)
     torch.testing.assert_close(merged[NORM], expected)
     embed = "model.embed_tokens.weight"
-    means = [float(torch.cat([f.head.flatten(), f.ffn.flatten()]).mean()) for f in fishers[1:]]
+    # The authors' universal weight: the mean over layers of (mean head Fisher + mean neuron Fisher).
+    means = [float(f.groups["head_fisher"].mean() + f.groups["ffn_fisher"].mean()) for f in fishers[1:]]
     expected = sum(w * s[embed] for w, s in zip(means, states[1:])) / sum(means)
     torch.testing.assert_close(merged[embed], expected)
 

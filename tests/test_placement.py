@@ -12,7 +12,7 @@ import yaml
 from conftest import assert_close, random_text, write_jsonl
 
 from mergekit_fisher_mask import CalibrationSettings, SettingsError, calibrate, calibrate_full, load_mask_fisher
-from mergekit_fisher_mask.calibrate import Placement, compute_mask_fisher, prepare_calibration
+from mergekit_fisher_mask.calibration import Placement, compute_mask_fisher, prepare_calibration
 from mergekit_fisher_mask.merge.recipe import load_recipe
 from mergekit_fisher_mask.pipeline import InputModel, calibration_cache_key
 
@@ -42,11 +42,11 @@ def test_disk_offloaded_pass_equals_the_in_memory_one(arch, model_zoo, data, tmp
     finally:
         run.cleanup()
     assert count == 12
-    assert_close(groups["head_fisher"], in_memory.head)
-    assert_close(groups["ffn_fisher"], in_memory.ffn)
+    assert_close(groups["head_fisher"], in_memory.groups["head_fisher"])
+    assert_close(groups["ffn_fisher"], in_memory.groups["ffn_fisher"])
     assert os.listdir(offload) == [], "the run's own offload folder is removed; the user's folder is left"
     through_api = calibrate(model, str(data), tmp_path / "b.safetensors", mapped, progress=False)
-    assert_close(through_api.head, in_memory.head)
+    assert_close(through_api.groups["head_fisher"], in_memory.groups["head_fisher"])
 
 
 def test_two_processes_with_a_device_map_equal_one(model_zoo, data, tmp_path):
@@ -61,8 +61,8 @@ def test_two_processes_with_a_device_map_equal_one(model_zoo, data, tmp_path):
     subprocess.run([*launch, *args, "--out", str(tmp_path / "two.safetensors")], check=True, env=env)
     double = load_mask_fisher(tmp_path / "two.safetensors")
     assert double.samples == 11 and double.data["processes"] == 2
-    assert_close(double.head, single.head)
-    assert_close(double.ffn, single.ffn)
+    assert_close(double.groups["head_fisher"], single.groups["head_fisher"])
+    assert_close(double.groups["ffn_fisher"], single.groups["ffn_fisher"])
 
 
 def test_bfloat16_weights_keep_float32_sums(model_zoo, data, tmp_path):
@@ -72,8 +72,8 @@ def test_bfloat16_weights_keep_float32_sums(model_zoo, data, tmp_path):
                      progress=False)
     assert (fp32.dtype, bf16.dtype) == ("float32", "bfloat16")
     assert load_mask_fisher(tmp_path / "b.safetensors").dtype == "bfloat16"
-    assert bf16.head.dtype == torch.float32 and torch.isfinite(bf16.head).all()
-    assert_close(bf16.head, fp32.head, rel=0.1)  # bf16 keeps ~3 significant digits
+    assert bf16.groups["head_fisher"].dtype == torch.float32 and torch.isfinite(bf16.groups["head_fisher"]).all()
+    assert_close(bf16.groups["head_fisher"], fp32.groups["head_fisher"], rel=0.1)  # bf16 keeps ~3 significant digits
 
 
 def test_auto_dtype_is_float32_on_a_cpu(model_zoo, data, tmp_path):
@@ -120,7 +120,7 @@ def test_each_process_gets_its_own_share_of_the_gpus(monkeypatch):
     import importlib
     from types import SimpleNamespace
 
-    placement = importlib.import_module("mergekit_fisher_mask.calibrate.placement")
+    placement = importlib.import_module("mergekit_fisher_mask.calibration.placement")
     monkeypatch.setattr(torch.accelerator, "device_count", lambda: 4)
     monkeypatch.setattr(placement, "accelerator_type", lambda: "cuda")
     monkeypatch.setattr(placement, "free_memory", lambda device: 10_000 * (device.index + 1))

@@ -79,7 +79,7 @@ def test_overwrite_replaces_a_previous_merge(setup, tmp_path):
     _, _, recipe = setup
     out = tmp_path / "out"
     run_fisher_merge(str(recipe), str(out), OPTIONS)
-    with pytest.raises(OutputPathError, match="already holds a previous merge. Pass --overwrite"):
+    with pytest.raises(OutputPathError, match="already holds a previous merge. Pass overwrite=True"):
         run_fisher_merge(str(recipe), str(out), OPTIONS)
     before = snapshot(out)
     run_fisher_merge(str(recipe), str(out), OPTIONS, overwrite=True)
@@ -122,7 +122,7 @@ def test_output_may_not_touch_an_input(setup, tmp_path, where):
         "model": (models[1], models[1], "is input model"),
         "parent of model": (models[1].parent, models[1].parent, "contains input model"),
         "inside model": (models[0] / "merged", models[0], "lies inside input model"),
-        "fisher file": (fishers[0], fishers[0], "is the Fisher file"),
+        "fisher file": (fishers[0], fishers[0], "is the mask-Fisher file"),
         "parent of fisher": (tmp_path, fishers[0], "contains"),
     }[where]
     refused(tmp_path, victim, lambda: run_fisher_merge(str(recipe), str(out), OPTIONS, overwrite=True), match)
@@ -166,7 +166,7 @@ def test_calibrate_never_replaces_a_file_that_is_not_its_own(setup, text_data, t
 def test_replacing_a_fisher_file_needs_overwrite(setup, text_data, tmp_path):
     models, fishers, _ = setup
     action = lambda: calibrate(str(models[1]), str(text_data), fishers[0], SETTINGS)  # noqa: E731
-    refused(tmp_path, fishers[0], action, "already holds a mask-Fisher file. Pass --overwrite")
+    refused(tmp_path, fishers[0], action, "already holds a mask-Fisher file. Pass overwrite=True")
     replaced = calibrate(str(models[1]), str(text_data), fishers[0], SETTINGS, overwrite=True, progress=False)
     assert replaced.model == str(models[1])
 
@@ -186,12 +186,12 @@ def test_full_fisher_folder_is_replaced_only_with_overwrite(setup, text_data, tm
     out = tmp_path / "full"
     calibrate_full(str(models[0]), str(text_data), out, SETTINGS, progress=False)
     action = lambda: calibrate_full(str(models[0]), str(text_data), out, SETTINGS)  # noqa: E731
-    refused(tmp_path, out, action, "already holds a full Fisher. Pass --overwrite")
+    refused(tmp_path, out, action, "already holds a full Fisher. Pass overwrite=True")
     calibrate_full(str(models[1]), str(text_data), out, SETTINGS, overwrite=True, progress=False)
     assert not [p for p in tmp_path.rglob(".*partial*")]
     (out / "notes.txt").write_text("mine")  # a file the user added makes the folder theirs too
     action = lambda: calibrate_full(str(models[0]), str(text_data), out, SETTINGS, overwrite=True)  # noqa: E731
-    refused(tmp_path, out, action, r"holds files this tool did not write")
+    refused(tmp_path, out, action, r"holds a full Fisher plus files this tool did not write \(notes\.txt\)")
 
 
 def _dead_pid() -> int:
@@ -237,9 +237,9 @@ def test_a_killed_merge_leaves_only_what_the_next_run_cleans(setup, tmp_path):
 
 def test_merge_refuses_before_calibrating(model_zoo, text_data, tmp_path, monkeypatch):
     """A refused output costs no calibration: the check runs first."""
-    import mergekit_fisher_mask.pipeline as pipeline
+    import mergekit_fisher_mask.cache as cache
 
-    monkeypatch.setattr(pipeline, "calibrate_mask", lambda *a, **k: pytest.fail("calibrated before refusing"))
+    monkeypatch.setattr(cache, "measure_statistic", lambda *a, **k: pytest.fail("calibrated before refusing"))
     models = [model_zoo("bert", seed=s) for s in (1, 2)]
     data = write_jsonl(tmp_path / "d.jsonl", [{"text": "w1 w2", "label": 0}])
     recipe = tmp_path / "recipe.yml"
@@ -262,18 +262,28 @@ def test_a_symlinked_alias_of_an_input_is_refused(setup, text_data, tmp_path):
     refused(tmp_path, models[0], lambda: calibrate(str(models[0]), str(text_data), out, SETTINGS), "lies inside")
 
 
-@pytest.mark.parametrize("marker", ["{}", '{"method": "fisher_mask"}'])
-def test_a_marker_without_a_file_list_vouches_only_for_merge_files(setup, tmp_path, marker):
-    """A merge folder of an older version (its marker lists no files) may hold only what a merge writes."""
+@pytest.mark.parametrize("marker", ["{}", '{"method": "fisher_mask"}', '{"files": "model.safetensors"}', "not json"])
+def test_a_marker_without_a_file_list_vouches_for_nothing(setup, tmp_path, marker):
+    """Only a marker that lists the merge's files vouches for them (a marker without one was never released)."""
     _, _, recipe = setup
     out = tmp_path / "old"
     out.mkdir()
     (out / MARKER).write_text(marker)
     (out / "model.safetensors").write_bytes(b"old weights")
-    (out / "thesis.txt").write_text("four years of work")
     merge = lambda: run_fisher_merge(str(recipe), str(out), OPTIONS, overwrite=True)  # noqa: E731
-    refused(tmp_path, out, merge, r"holds a previous merge plus files this tool did not write \(thesis\.txt\)")
-    (out / "thesis.txt").unlink()
+    refused(tmp_path, out, merge, r"holds files this tool did not write \(fisher_merge\.json, model\.safetensors\)")
+
+
+def test_a_merge_the_user_added_files_to_is_kept(setup, tmp_path):
+    _, _, recipe = setup
+    out = tmp_path / "merged"
+    run_fisher_merge(str(recipe), str(out), OPTIONS)
+    (out / "eval").mkdir()
+    (out / "eval" / "results.json").write_text("{}")
+    merge = lambda: run_fisher_merge(str(recipe), str(out), OPTIONS, overwrite=True)  # noqa: E731
+    refused(tmp_path, out, merge, r"holds a previous merge plus files this tool did not write \(eval/results\.json\)")
+    (out / "eval" / "results.json").unlink()
+    (out / "eval").rmdir()
     run_fisher_merge(str(recipe), str(out), OPTIONS, overwrite=True)
     assert json.loads((out / MARKER).read_text())["files"]
 
@@ -281,7 +291,7 @@ def test_a_marker_without_a_file_list_vouches_only_for_merge_files(setup, tmp_pa
 def test_an_output_under_a_file_is_refused_before_any_work(setup, text_data, tmp_path, monkeypatch):
     import importlib
 
-    api = importlib.import_module("mergekit_fisher_mask.calibrate.api")  # the package's `calibrate` is the function
+    api = importlib.import_module("mergekit_fisher_mask.calibration.api")  # the package's `calibrate` is the function
     models, _, recipe = setup
     (tmp_path / "afile.txt").write_text("mine")
     monkeypatch.setattr(api, "prepare_calibration", lambda *a, **k: pytest.fail("worked before refusing"))
@@ -295,14 +305,13 @@ def test_an_output_under_a_file_is_refused_before_any_work(setup, text_data, tmp
 def test_a_fisher_file_written_meanwhile_is_replaced_only_with_overwrite(setup, tmp_path, overwrite):
     """The Fisher cache calibrates with overwrite: two merges filling one key write the same result."""
     from mergekit_fisher_mask import load_mask_fisher, save_mask_fisher
-    from mergekit_fisher_mask.files import is_mask_fisher_file
+    from mergekit_fisher_mask.files import MaskFisher, is_mask_fisher_file
     from mergekit_fisher_mask.outputs import check_replaceable
 
     _, fishers, _ = setup
     fisher = load_mask_fisher(fishers[0])
     out = tmp_path / "cache" / "key.safetensors"
-    claim = check_replaceable(out, overwrite=overwrite, is_ours=is_mask_fisher_file, what="a mask-Fisher file",
-                              folder=False)
+    claim = check_replaceable(out, MaskFisher.OUTPUT, overwrite=overwrite)
     out.parent.mkdir()
     shutil.copy(fishers[1], out)  # another run finished first
     if overwrite:
@@ -315,7 +324,7 @@ def test_a_fisher_file_written_meanwhile_is_replaced_only_with_overwrite(setup, 
 def test_saving_without_a_claim_replaces_only_our_own_files(setup, tmp_path):
     """The public save functions, called without a claim, never replace a user's file or folder."""
     from mergekit_fisher_mask import load_mask_fisher, save_mask_fisher
-    from mergekit_fisher_mask.files import save_full_fisher
+    from mergekit_fisher_mask.files import FullFisher
 
     _, fishers, _ = setup
     fisher = load_mask_fisher(fishers[0])
@@ -323,7 +332,8 @@ def test_saving_without_a_claim_replaces_only_our_own_files(setup, tmp_path):
     thesis.write_text("four years of work")
     refused(tmp_path, thesis, lambda: save_mask_fisher(fisher, thesis), "is not a mask-Fisher file")
     mine = user_folder(tmp_path / "mine")
-    refused(tmp_path, mine, lambda: save_full_fisher({}, tmp_path, mine, {}), "holds files this tool did not write")
+    full = FullFisher(shape=fisher.shape, tensors={"w": torch.ones(2)})
+    refused(tmp_path, mine, lambda: full.save(mine), "holds files this tool did not write")
     save_mask_fisher(fisher, fishers[1])  # a Fisher file of this tool is replaced
     saved = load_mask_fisher(fishers[1])
     assert all(torch.equal(saved.groups[key], fisher.groups[key]) for key in fisher.groups)

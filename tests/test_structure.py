@@ -1,4 +1,5 @@
-"""The package's dependencies point one way: shared modules <- calibrate/ and merge/ <- pipeline and CLI.
+"""The package's dependencies point one way: shared modules <- calibration/ and merge/ <- pipeline and CLI; and only
+outputs.py writes to disk.
 
 Read statically from the source (every import statement, including those inside functions), because importing any
 submodule runs the package's ``__init__``, which imports everything.
@@ -14,7 +15,7 @@ import pytest
 
 PACKAGE = "mergekit_fisher_mask"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
-SHARED = {"errors", "architectures", "tasks", "settings", "checkpoints", "outputs", "files"}
+SHARED = {"errors", "paths", "architectures", "tasks", "settings", "checkpoints", "outputs", "files", "_startup"}
 
 
 def module_name(path: Path) -> str:
@@ -60,9 +61,9 @@ def reachable(graph: Dict[str, Set[str]], start: str) -> Set[str]:
 
 def test_the_graph_is_read():
     graph = import_graph()
-    assert f"{PACKAGE}.calibrate.api" in graph[f"{PACKAGE}.pipeline"]
+    assert f"{PACKAGE}.calibration.api" in graph[f"{PACKAGE}.cache"]
     assert f"{PACKAGE}.files" in graph[f"{PACKAGE}.merge.kernels"]
-    assert f"{PACKAGE}.settings" in graph[f"{PACKAGE}.calibrate.engine"]  # a relative import two levels up
+    assert f"{PACKAGE}.settings" in graph[f"{PACKAGE}.calibration.engine"]  # a relative import two levels up
 
 
 def test_no_import_cycles():
@@ -85,7 +86,7 @@ def test_no_import_cycles():
     assert not cycles, cycles
 
 
-@pytest.mark.parametrize("layer, forbidden", [("merge", "calibrate"), ("calibrate", "merge")])
+@pytest.mark.parametrize("layer, forbidden", [("merge", "calibration"), ("calibration", "merge")])
 def test_merging_and_calibration_never_import_each_other(layer, forbidden):
     graph = import_graph()
     for module in (m for m in graph if area(m) == layer):
@@ -98,3 +99,49 @@ def test_shared_modules_import_only_shared_modules():
     for module in (m for m in graph if area(m) in SHARED):
         bad = sorted(m for m in graph[module] if area(m) not in SHARED)
         assert not bad, f"{module} imports {bad}"
+
+
+def test_only_the_pipeline_and_the_command_line_use_both_calibration_and_merging():
+    graph = import_graph()
+    both = sorted(m for m in graph if {"calibration", "merge"} <= {area(t) for t in reachable(graph, m) | {m}})
+    assert both == [PACKAGE, f"{PACKAGE}.__main__", f"{PACKAGE}.cli", f"{PACKAGE}.pipeline"], both  # __main__ is the CLI
+
+
+# Calls that write, rename or delete files. ``replace``/``remove`` only count on os/shutil, since str.replace exists.
+_WRITE_METHODS = {"write_text", "write_bytes", "mkdir", "unlink", "rmdir", "touch", "rename", "symlink_to",
+                  "savefig", "save_pretrained", "save_file"}
+_WRITE_FUNCTIONS = {"os": {"replace", "rename", "remove", "unlink", "makedirs", "mkdir", "rmdir", "symlink"},
+                    "shutil": {"rmtree", "copy", "copy2", "copyfile", "copytree", "move"},
+                    "tempfile": {"mkdtemp", "mkstemp", "NamedTemporaryFile"}, "torch": {"save"}}
+
+
+def _writes(path: Path) -> List[str]:
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not isinstance(node, ast.Call):
+            continue
+        function = node.func
+        if isinstance(function, ast.Name) and function.id in ("save_file", "open"):
+            modes = [a.value for a in node.args[1:2] if isinstance(a, ast.Constant)]
+            modes += [k.value.value for k in node.keywords if k.arg == "mode" and isinstance(k.value, ast.Constant)]
+            if function.id == "save_file" or any(set(str(mode)) & set("wax+") for mode in modes):
+                found.append(f"{path.name}:{node.lineno} {function.id}")
+        elif isinstance(function, ast.Attribute):
+            owner = function.value.id if isinstance(function.value, ast.Name) else None
+            if function.attr in _WRITE_FUNCTIONS.get(owner, ()) or (
+                owner not in _WRITE_FUNCTIONS and function.attr in _WRITE_METHODS
+            ):
+                found.append(f"{path.name}:{node.lineno} {owner or '...'}.{function.attr}")
+    return found
+
+
+def test_the_write_scan_finds_writes():
+    assert any("save_file" in w for w in _writes(ROOT / "outputs.py"))
+    assert any("os.replace" in w for w in _writes(ROOT / "outputs.py"))
+
+
+def test_only_outputs_writes_to_disk():
+    """Every write goes through outputs.py, which resolves, checks, stages and reports disk errors; no module can
+    write a user path that bypassed those checks."""
+    writes = [w for path in sorted(ROOT.rglob("*.py")) if path.name != "outputs.py" for w in _writes(path)]
+    assert not writes, writes

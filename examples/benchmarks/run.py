@@ -33,13 +33,7 @@ def measure_calibration(model: str, data: str, mode: str, samples: int, batch: i
     """Runs inside a fresh process: one pass of ``mode``; returns seconds (pass only) and peak RSS."""
     import torch
 
-    from mergekit_fisher_mask import (
-        CalibrationSettings,
-        compute_full_fisher,
-        compute_mask_fisher,
-        model_inputs,
-        prepare_calibration,
-    )
+    from mergekit_fisher_mask import CalibrationSettings, compute_full_fisher, compute_mask_fisher, prepare_calibration
 
     settings = CalibrationSettings(samples=samples, batch_size=batch, max_length=length, chunk_size=chunk)
     run = prepare_calibration(model, data, settings, None, **({"attn_implementation": "eager"} if mode == "full" else {}))
@@ -48,12 +42,12 @@ def measure_calibration(model: str, data: str, mode: str, samples: int, batch: i
     if mode == "forward":
         with torch.inference_mode():
             for batch_ in run.loader:
-                run.model(**model_inputs(batch_))
+                run.model(**run.inputs(batch_))
     elif mode in ("mask", "mask-batch"):
-        compute_mask_fisher(run.model, run.loader, estimator="batch" if mode == "mask-batch" else "empirical",
+        compute_mask_fisher(run.model, run.loader, settings, estimator="batch" if mode == "mask-batch" else "empirical",
                             accelerator=run.accelerator, progress=False)
     else:
-        compute_full_fisher(run.model, run.loader, accelerator=run.accelerator, chunk_size=chunk, progress=False)
+        compute_full_fisher(run.model, run.loader, settings, accelerator=run.accelerator, progress=False)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"seconds": seconds, "peak_rss_mb": peak, "rss_after_load_mb": loaded_rss}

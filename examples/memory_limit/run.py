@@ -153,9 +153,9 @@ def main() -> None:
     if succeeded:
         reference, offloaded = load_mask_fisher(outputs["reference"]), load_mask_fisher(outputs["offloaded"])
         report["offloaded_vs_reference_max_rel_diff"] = {
-            name: float((getattr(offloaded, name) - getattr(reference, name)).abs().max()
-                        / getattr(reference, name).abs().max())
-            for name in ("head", "ffn")
+            name.removesuffix("_fisher"): float((offloaded.groups[name] - reference.groups[name]).abs().max()
+                                                / reference.groups[name].abs().max())
+            for name in ("head_fisher", "ffn_fisher")
         }
     results = args.results
     results.mkdir(parents=True, exist_ok=True)

@@ -1,77 +1,55 @@
 """The full-Fisher folder: one float32 Fisher tensor per parameter, under the model's own names, sharded like the model.
 
-``fisher.safetensors.index.json`` maps each tensor to its shard and carries the metadata (as the mask-Fisher file
-does, plus ``l2_norm``). The folder is written under a hidden name and renamed into place when complete.
+``fisher.safetensors.index.json`` maps each tensor to its shard and carries the metadata (:mod:`.base`'s, format
+``mergekit-fisher-mask/full``, version 2, plus ``l2_norm``). Version-1 folders (written by 0.2.0, without the node
+layout) are still read; their layout is not checked, only their ``model_type`` and fingerprint. The folder is
+written under a hidden name and renamed into place when complete; tensors are read one at a time.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import ClassVar, Dict, Iterator, Optional, Union
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from ..checkpoints import shard_map
 from ..errors import FisherFileError
-from ..outputs import OutputClaim, check_replaceable, publish, staged_folder
+from ..outputs import OutputClaim, OutputKind, check_replaceable, publish, save_tensors, staged_folder, write_json
+from .base import SHAPE_KEYS, Measured
 
 FULL_FORMAT = "mergekit-fisher-mask/full"
-FULL_FORMAT_VERSION = 1
 INDEX_NAME = "fisher.safetensors.index.json"
+_LAYOUTLESS_VERSION = "1"  # 0.2.0's folders: no node layout in the metadata
 
 
-def save_full_fisher(
-    fisher: Dict[str, torch.Tensor], model_dir: Path, out_dir: Union[str, Path], metadata: Dict[str, str],
-    claim: Optional[OutputClaim] = None,
-) -> Path:
-    """Write Fisher tensors under the model's own names, sharded like the model, plus an index with metadata.
+def _read_index(folder: Path) -> Optional[dict]:
+    try:
+        index = json.loads((Path(folder) / INDEX_NAME).read_text())
+        return index if index["metadata"]["format"] == FULL_FORMAT and isinstance(index["weight_map"], dict) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
-    The caller decides whether ``out_dir`` may be replaced (:func:`mergekit_fisher_mask.outputs.check_replaceable`);
-    its ``claim`` is checked again right before the folder is moved into place. Without a claim, only a full-Fisher
-    folder of this tool is replaced, and anything else at ``out_dir`` is refused.
-    """
-    claim = claim or check_replaceable(out_dir, overwrite=True, is_ours=is_full_fisher_dir, what="a full Fisher",
-                                       folder=True)
-    shard_of = shard_map(Path(model_dir))  # tensor name -> the model's weight file that holds it
-    shards = sorted(set(shard_of.values())) or ["model"]
-    rename = {shard: f"fisher-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i, shard in enumerate(shards)}
-    groups: Dict[str, Dict[str, torch.Tensor]] = {name: {} for name in rename.values()}
-    for name, tensor in fisher.items():
-        groups[rename[shard_of.get(name, shards[-1])]][name] = tensor.contiguous()
-    norm = torch.sqrt(sum((t.double() ** 2).sum() for t in fisher.values()))
-    meta = {**metadata, "format": FULL_FORMAT, "format_version": str(FULL_FORMAT_VERSION), "l2_norm": repr(float(norm))}
-    weight_map = {}
-    with staged_folder(out_dir) as staging:
-        for file, tensors in groups.items():
-            if tensors:
-                save_file(tensors, str(staging / file), metadata={"format": FULL_FORMAT})
-                weight_map.update({name: file for name in tensors})
-        index = {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
-        (staging / INDEX_NAME).write_text(json.dumps(index, indent=2))
-        publish(staging, out_dir, claim)
-    return Path(out_dir)
+
+def _listed(folder: Path) -> Optional[set]:
+    index = _read_index(folder)
+    return None if index is None else {INDEX_NAME, *index["weight_map"].values()}
 
 
 def is_full_fisher_dir(path: Union[str, Path]) -> bool:
-    """Whether ``path`` is a full-Fisher folder written by this tool: its index names our format, and the folder holds
-    nothing but the index and the shards it lists (a file the user added makes it theirs too)."""
-    index = Path(path) / INDEX_NAME
-    try:
-        content = json.loads(index.read_text())
-        written = {INDEX_NAME, *content["weight_map"].values()}
-        return content["metadata"]["format"] == FULL_FORMAT and {p.name for p in Path(path).iterdir()} <= written
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
+    """Whether ``path`` is a full-Fisher folder of this tool holding nothing but its index and the shards it lists."""
+    return FullFisher.OUTPUT.is_ours(Path(path))
 
 
-class FullFisherReader:
-    """Reads one tensor at a time from a full-Fisher folder; never loads the whole file."""
+class FullFisherReader(Mapping):
+    """The tensors of a full-Fisher folder, read one at a time on access (a whole folder is never loaded)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: Union[str, os.PathLike]):
         folder = Path(path)
         index_path = folder / INDEX_NAME if folder.is_dir() else folder
         if not index_path.is_file():
@@ -84,13 +62,6 @@ class FullFisherReader:
             self.weight_map: Dict[str, str] = index["weight_map"]
         except (ValueError, KeyError, TypeError) as error:
             raise FisherFileError(f"{index_path} is not a valid full-Fisher index ({error!r}).") from error
-        if self.metadata.get("format") != FULL_FORMAT:
-            raise FisherFileError(f"{index_path} is not a full-Fisher index (format {self.metadata.get('format')!r}).")
-        if str(self.metadata.get("format_version")) != str(FULL_FORMAT_VERSION):
-            raise FisherFileError(
-                f"{index_path} has format_version {self.metadata.get('format_version')}; this version reads "
-                f"{FULL_FORMAT_VERSION}. Re-run `mergekit-fisher calibrate --full`."
-            )
         self.folder = index_path.parent
         try:
             self.l2_norm = float(self.metadata["l2_norm"])
@@ -102,10 +73,18 @@ class FullFisherReader:
                 "norm. Re-run `mergekit-fisher calibrate --full`."
             )
 
-    def __contains__(self, name: str) -> bool:
+    def __contains__(self, name) -> bool:
         return name in self.weight_map
 
-    def get(self, name: str) -> torch.Tensor:
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.weight_map)
+
+    def __len__(self) -> int:
+        return len(self.weight_map)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise KeyError(name)
         file = self.folder / self.weight_map[name]
         try:
             with safe_open(str(file), framework="pt") as handle:
@@ -117,3 +96,85 @@ class FullFisherReader:
         if (tensor < 0).any():
             raise FisherFileError(f"{file}: Fisher tensor {name} has negative values; a Fisher is a sum of squares.")
         return tensor
+
+    def get(self, name: str, default=None) -> torch.Tensor:  # type: ignore[override]
+        return self[name] if name in self.weight_map else default
+
+
+@dataclass(frozen=True)
+class FullFisher(Measured):
+    """The diagonal Fisher of every parameter: ``tensors`` in memory after a calibration, or a
+    :class:`FullFisherReader` after :meth:`read`. ``shard_of`` maps each tensor to the model shard it lives in."""
+
+    FORMAT: ClassVar[str] = FULL_FORMAT
+    FORMAT_VERSION: ClassVar[int] = 2
+    DESCRIPTION: ClassVar[str] = "a full-Fisher folder"
+    OUTPUT: ClassVar[OutputKind] = OutputKind("a full Fisher", folder=True, listed=_listed)
+
+    tensors: Mapping = field(default_factory=dict)
+    shard_of: Dict[str, str] = field(default_factory=dict)
+    model_type: str = ""  # of a version-1 folder, which has no layout (``shape``) to say it
+
+    @property
+    def l2_norm(self) -> float:
+        if isinstance(self.tensors, FullFisherReader):
+            return self.tensors.l2_norm
+        return float(torch.sqrt(sum((t.double() ** 2).sum() for t in self.tensors.values())))
+
+    def metadata(self) -> Dict[str, str]:
+        return {**super().metadata(), "l2_norm": repr(self.l2_norm)}
+
+    def save(self, path: Union[str, os.PathLike], claim: Optional[OutputClaim] = None) -> Path:
+        """Write the tensors sharded like the model, plus the index with the metadata, as one atomic folder.
+
+        As for :meth:`MaskFisher.save`: without a claim only a full-Fisher folder of this tool is replaced."""
+        claim = claim or check_replaceable(path, self.OUTPUT, overwrite=True)
+        meta = self.metadata()
+        shards = sorted(set(self.shard_of.values())) or ["model"]
+        rename = {shard: f"fisher-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i, shard in enumerate(shards)}
+        groups: Dict[str, Dict[str, torch.Tensor]] = {name: {} for name in rename.values()}
+        for name, tensor in self.tensors.items():
+            groups[rename[self.shard_of.get(name, shards[-1])]][name] = tensor
+        weight_map = {}
+        with staged_folder(path) as staging:
+            for file, tensors in groups.items():
+                if tensors:
+                    save_tensors(tensors, staging / file, {"format": FULL_FORMAT})
+                    weight_map.update({name: file for name in tensors})
+            write_json(staging / INDEX_NAME, {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))})
+            publish(staging, path, claim)
+        return Path(path)
+
+    @classmethod
+    def read(cls, path: Union[str, os.PathLike]) -> "FullFisher":
+        """Open a full-Fisher folder: its metadata is validated now, each tensor when it is read."""
+        reader = FullFisherReader(path)
+        meta, where = reader.metadata, f"{reader.folder / INDEX_NAME}"
+        if meta.get("format") == FULL_FORMAT and meta.get("format_version") == _LAYOUTLESS_VERSION:
+            layoutless = {**meta, "format_version": str(cls.FORMAT_VERSION), "model_type": "", **dict.fromkeys(SHAPE_KEYS, "0")}
+            provenance = {**cls.provenance_from(layoutless, where), "shape": None}
+            return cls(**provenance, tensors=reader, model_type=meta.get("model_type", ""))
+        provenance = cls.provenance_from(meta, where)
+        return cls(**provenance, tensors=reader, model_type=provenance["shape"].model_type)
+
+    def check_layout(self, config, *, where: str) -> None:
+        if self.shape is not None:
+            super().check_layout(config, where=where)
+        elif self.model_type != config.model_type:  # a version-1 folder: tensor shapes are checked as they merge
+            raise FisherFileError(
+                f"{where} was measured on a {self.model_type!r} model; this model is {config.model_type!r}."
+            )
+
+    def tensor(self, name: str, like: torch.Tensor, *, where: str) -> torch.Tensor:
+        """The Fisher of parameter ``name`` as float32, checked to have the shape of the model's tensor ``like``."""
+        if name not in self.tensors:
+            raise FisherFileError(f"Full Fisher {where} has no tensor {name}; was it measured on this model?")
+        values = self.tensors[name].to(torch.float32)
+        if tuple(values.shape) != tuple(like.shape):
+            raise FisherFileError(
+                f"Full Fisher {where}: {name} has shape {tuple(values.shape)}, the model's tensor {tuple(like.shape)}."
+            )
+        return values
+
+    def summary(self) -> str:
+        return f"L2 norm {self.l2_norm:.3e}"

@@ -12,7 +12,7 @@ from typing import Dict, Optional, Union
 
 import torch
 
-from ..architectures import Kind, Role, Stack, TensorRule
+from ..architectures import Kind, Role, Stack, TensorRule, get_architecture
 from ..errors import FisherFileError
 from ..files import MaskFisher
 
@@ -41,25 +41,30 @@ def normalized(values: torch.Tensor, normalize: Normalize) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class NodeWeights:
-    """A model's normalized node Fisher, ready to expand: one tensor per group key (``head_fisher``, ...)."""
+    """A model's normalized node Fisher, ready to expand: one tensor per group key (``head_fisher``, ...), and the
+    "universal" weight of tensors outside every layer (embeddings, pooler) under the ``paper`` scheme."""
 
     groups: Dict[str, torch.Tensor]
     num_kv_heads: int
     head_dim: int
+    universal: float
 
     @classmethod
-    def from_fisher(cls, fisher: MaskFisher, normalize: Normalize, power: float = 1.0) -> "NodeWeights":
-        """``F ** power`` (0: every node alike, the plain average), then normalized."""
-        return cls(
-            groups={key: normalized(values if power == 1 else values**power, normalize)
-                    for key, values in fisher.groups.items()},
-            num_kv_heads=fisher.shape.num_kv_heads,
-            head_dim=fisher.shape.head_dim,
-        )
-
-    def model_mean(self) -> float:
-        """Mean over all nodes of the model, every group together."""
-        return float(torch.cat([values.flatten() for values in self.groups.values()]).mean())
+    def from_fisher(
+        cls, fisher: MaskFisher, normalize: Normalize, power: float = 1.0, epsilon: float = 0.0
+    ) -> "NodeWeights":
+        """``F ** power`` (0: every node alike, the plain average), normalized, then floored at ``epsilon`` times
+        its group's mean in that layer. Every step is scale-free: multiplying every model's Fisher by one constant
+        changes no merge."""
+        groups = {}
+        for key, values in fisher.groups.items():
+            values = normalized(values if power == 1 else values**power, normalize)
+            if epsilon > 0:
+                layer_mean = values.mean(dim=tuple(range(1, values.dim())), keepdim=True)  # (L, 1, ...)
+                values = torch.maximum(values, epsilon * layer_mean)
+            groups[key] = values
+        spec = get_architecture(fisher.shape.model_type)
+        return cls(groups, fisher.shape.num_kv_heads, fisher.shape.head_dim, _universal(spec, groups))
 
     def layer(self, stack: Stack, group: str, layer: int, *, name: str) -> torch.Tensor:
         values = self.groups.get(stack.key(group))
@@ -89,7 +94,7 @@ def tensor_weight(
         return None
     role, paper = rule.role, scheme == Scheme.PAPER
     if role == Role.EMBEDDING:
-        return nodes.model_mean() if paper else None
+        return nodes.universal if paper else None
     if stack is None or layer is None:
         raise FisherFileError(f"Tensor {name}: a layer tensor outside every layer stack.")
     group = rule.group_name
@@ -132,9 +137,9 @@ def mean_fisher_weight(
     nodes: NodeWeights, stack: Optional[Stack], rule: Optional[TensorRule], layer: Optional[int], *, name: str
 ) -> float:
     """The paper's mean-Fisher rule for a tensor no node covers: the mean of its block's group in its layer (every
-    group of the layer for a tensor without a role), or the mean over the whole model outside layers."""
+    group of the layer for a tensor without a role), or the universal weight outside layers."""
     if stack is None or layer is None:
-        return nodes.model_mean()
+        return nodes.universal
     if rule is not None and rule.role != Role.EMBEDDING:
         group = rule.group_name
         if stack.key(group) not in nodes.groups and group == "ffn":
@@ -165,3 +170,15 @@ def _along_axis(
     if experts:
         shape[0] = experts
     return expanded.view(shape)  # (n, 1) for rows, (n,) for columns, (E, n, 1) / (E, 1, n) for experts
+
+
+def _universal(spec, groups: Dict[str, torch.Tensor]) -> float:
+    """The authors' weight for embeddings and pooler: the mean over layers of the sum of the layer's group means
+    (for BERT, mean over layers of mean(heads) + mean(neurons)); every stack's layers count."""
+    per_layer = []
+    for stack in spec.stacks:
+        keys = [stack.key(group) for group in stack.sites if stack.key(group) in groups]
+        if keys:
+            means = [groups[key].flatten(1).double().mean(dim=1) for key in keys]  # (L,) each
+            per_layer.append(torch.stack(means).sum(dim=0))
+    return float(torch.cat(per_layer).mean()) if per_layer else 0.0

@@ -1,7 +1,9 @@
 """Merge methods ``fisher_mask`` (node Fisher expanded per tensor) and ``fisher`` (full diagonal Fisher).
 
 Both compute ``sum_k l_k F_k theta_k / sum_k l_k F_k`` in place, as mergekit's ``linear`` does; with ``sparsify``,
-``fisher_mask`` merges trimmed, sign-elected task vectors over the base model instead (:mod:`.sparsify`).
+``fisher_mask`` merges trimmed, sign-elected task vectors over the base model instead (:mod:`.sparsify`). An entry
+whose Fisher is zero in every model gets the ``l``-weighted mean (the authors' rule); floors are relative to each
+model's own Fisher, so multiplying every model's Fisher by one constant changes no merge.
 """
 
 from __future__ import annotations
@@ -9,17 +11,16 @@ from __future__ import annotations
 import enum
 import functools
 import os
-from typing import Iterable, List, Optional, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 import torch
-from mergekit import merge_methods
 from mergekit.merge_methods import BasePolicy, InputContract, PerInput, TensorEntry, TensorGroup, merge_method
 from pydantic import Field
 from typing_extensions import Annotated
 
 from ..architectures import ArchitectureSpec, get_architecture
-from ..errors import FisherFileError, FisherMaskError
-from ..files import INDEX_NAME, FullFisherReader, load_mask_fisher
+from ..errors import FisherMaskError
+from ..files import INDEX_NAME, FullFisher, MaskFisher
 from .expand import NodeWeights, Normalize, Scheme, Weight, mean_fisher_weight, tensor_weight
 from .sparsify import Sparsify, merge_task_vectors
 
@@ -29,15 +30,7 @@ class Uncovered(str, enum.Enum):
 
     AVERAGE = "average"  # the plain weight-averaged mean, as `linear`
     BASE = "base"  # the base model's tensor, unchanged
-    MEAN_FISHER = "mean_fisher"  # weighted by the mean Fisher of the layer's block (model mean outside layers)
-
-
-@functools.lru_cache(maxsize=256)
-def _cached_node_weights(
-    path: str, stamp: Tuple[int, int], normalize: Normalize, power: float
-) -> Tuple[NodeWeights, str]:
-    fisher = load_mask_fisher(path)
-    return NodeWeights.from_fisher(fisher, normalize, power), fisher.shape.model_type
+    MEAN_FISHER = "mean_fisher"  # weighted by the mean Fisher of the layer's block (the universal weight outside)
 
 
 def _stamp(path: str) -> Tuple[int, int]:
@@ -46,30 +39,63 @@ def _stamp(path: str) -> Tuple[int, int]:
     return (stat.st_mtime_ns, stat.st_size) if stat else (0, 0)
 
 
-def node_weights(path: str, normalize: Normalize, power: float = 1.0) -> Tuple[NodeWeights, ArchitectureSpec]:
-    """Load (once per file version) a Fisher file's normalized node weights and its architecture."""
-    nodes, model_type = _cached_node_weights(os.path.abspath(path), _stamp(path), Normalize(normalize), float(power))
+@functools.lru_cache(maxsize=256)
+def _cached_node_weights(
+    path: str, stamp: Tuple[int, int], normalize: Normalize, power: float, epsilon: float
+) -> Tuple[NodeWeights, str]:
+    fisher = MaskFisher.read(path)
+    return NodeWeights.from_fisher(fisher, normalize, power, epsilon), fisher.shape.model_type
+
+
+def node_weights(
+    path: str, normalize: Normalize, power: float = 1.0, epsilon: float = 0.0
+) -> Tuple[NodeWeights, ArchitectureSpec]:
+    """Load (once per file version and setting) a mask-Fisher file's node weights and its architecture."""
+    nodes, model_type = _cached_node_weights(os.path.abspath(path), _stamp(path), Normalize(normalize), float(power),
+                                             float(epsilon))
     return nodes, get_architecture(model_type, where=path)
 
 
-def _members(group: TensorGroup, fisher, method: str = "fisher_mask") -> List[TensorEntry]:
-    """Inputs that take part: all models, except a base model given only for its config/head (no Fisher)."""
-    members = [entry for entry in group.entries if not (entry.is_base and fisher[entry.id] is None)]
-    missing = [str(entry.id) for entry in members if fisher[entry.id] is None]
+def members(group: TensorGroup, statistic, method: str, parameter: str = "fisher") -> List[TensorEntry]:
+    """Inputs that take part: all models, except a base model given only for its config/head (no statistic file)."""
+    taking_part = [entry for entry in group.entries if not (entry.is_base and statistic[entry.id] is None)]
+    missing = [str(entry.id) for entry in taking_part if statistic[entry.id] is None]
     if missing:
         raise FisherMaskError(
-            f"{method} needs a `fisher` file (or `calibration_data` with mergekit-fisher merge) for every model; "
+            f"{method} needs a `{parameter}` file (or `calibration_data` with mergekit-fisher merge) for every model; "
             f"missing for: {', '.join(missing)}."
         )
-    if len(members) < 2:
-        raise FisherMaskError(f"{method} merges two or more models; got {len(members)} with a Fisher file.")
-    return members
+    if len(taking_part) < 2:
+        raise FisherMaskError(f"{method} merges two or more models; got {len(taking_part)} with a `{parameter}` file.")
+    return taking_part
 
 
-def weighted_average(entries: List[TensorEntry], weights: Iterable[Weight]) -> torch.Tensor:
+def positive_lambdas(entries: Sequence[TensorEntry], weight, method: str, name: str) -> List[float]:
+    lambdas = [weight[entry.id] for entry in entries]
+    if sum(lambdas) <= 0:
+        raise FisherMaskError(f"{method}: the model weights sum to {sum(lambdas)} for {name}; at least one must be positive.")
+    return lambdas
+
+
+def equal_where_all_zero(weights: List[Weight], lambdas: Sequence[float]) -> List[Weight]:
+    """Per-entry weights ``l_k F_k`` (broadcastable), with the ``l_k`` put back where every model's is zero."""
+    total = sum(weights)
+    if not isinstance(total, torch.Tensor):
+        return list(lambdas) if total == 0 else weights
+    zero = total == 0
+    if not bool(zero.any()):
+        return weights
+    return [torch.where(zero, torch.as_tensor(lam, dtype=total.dtype), torch.as_tensor(w, dtype=total.dtype))
+            for w, lam in zip(weights, lambdas)]
+
+
+def weighted_average(
+    entries: List[TensorEntry], weights: Iterable[Weight], lambdas: Optional[Sequence[float]] = None
+) -> torch.Tensor:
     """``sum_k w_k theta_k / sum_k w_k`` for scalar or broadcastable weights, in place like `linear`.
 
-    ``weights`` may be a generator, so that full-size weights are produced (read) one model at a time.
+    ``weights`` may be a generator, so that full-size weights are produced (read) one model at a time. Where the
+    weights sum to zero, the result is the ``lambdas``-weighted mean (computed only if such entries exist).
     """
     first = entries[0].tensor
     dtype = torch.float64 if first.dtype == torch.float64 else torch.float32
@@ -86,7 +112,15 @@ def weighted_average(entries: List[TensorEntry], weights: Iterable[Weight]) -> t
         else:
             denominator = denominator + weight
         del weight
-    result.div_(denominator.to(dtype) if isinstance(denominator, torch.Tensor) else denominator)
+    if not isinstance(denominator, torch.Tensor):
+        if denominator == 0 and lambdas is not None:
+            return weighted_average(entries, lambdas)
+        return result.div_(denominator).to(first.dtype)
+    zero = denominator == 0
+    result.div_(denominator.to(dtype).masked_fill_(zero, 1.0))
+    if lambdas is not None and bool(zero.any()):
+        plain = weighted_average(entries, lambdas).to(dtype)
+        result = torch.where(zero.expand_as(result), plain, result)
     return result.to(first.dtype)
 
 
@@ -97,93 +131,83 @@ def fisher_mask_merge(
     scheme: Scheme = Scheme.NODES,
     normalize: Normalize = Normalize.LAYER,
     uncovered: Uncovered = Uncovered.AVERAGE,
-    epsilon: Annotated[float, Field(gt=0)] = 1e-10,
+    epsilon: Annotated[float, Field(ge=0)] = 0.0,
     power: Annotated[float, Field(ge=0)] = 1.0,
     sparsify: Sparsify = Sparsify.NONE,
     density: Annotated[float, Field(gt=0, le=1)] = 1.0,
     consensus: bool = True,
 ) -> torch.Tensor:
-    """Merge one tensor: each model weighted by ``weight * max(F^power, epsilon)``, F its node Fisher along the node
-    axis; with ``sparsify``, merge trimmed, sign-elected task vectors over the base model instead."""
+    """Merge one tensor: each model weighted by ``weight * F^power``, F its node Fisher along the node axis (floored
+    at ``epsilon`` times its group's layer mean); with ``sparsify``, merge trimmed, sign-elected task vectors over
+    the base model instead."""
     name = group.metadata.name or "<unnamed tensor>"
-    members = _members(group, fisher)
-    lambdas = [weight[entry.id] for entry in members]
-    if sum(lambdas) <= 0:
-        raise FisherMaskError(f"fisher_mask: the model weights sum to {sum(lambdas)}; at least one must be positive.")
+    entries = members(group, fisher, "fisher_mask")
+    lambdas = positive_lambdas(entries, weight, "fisher_mask", name)
     if sparsify != Sparsify.NONE and group.base is None:
         raise FisherMaskError(f"fisher_mask: sparsify={sparsify.value} merges task vectors and needs a base_model.")
-    loaded = [node_weights(fisher[entry.id], normalize, power) for entry in members]
+    loaded = [node_weights(fisher[entry.id], normalize, power, epsilon) for entry in entries]
     spec = loaded[0][1]
     if any(other.name != spec.name for _, other in loaded):
         raise FisherMaskError(f"fisher_mask: Fisher files of different architectures for {name}.")
     stack, layer, rule = spec.locate(name)
-    node_fisher = [
-        tensor_weight(nodes, stack, rule, layer, entry.tensor, scheme, name=name)
-        for (nodes, _), entry in zip(loaded, members)
+    per_model = [
+        tensor_weight(nodes, stack, rule, layer, entry.tensor, scheme, name=name) for (nodes, _), entry in zip(loaded, entries)
     ]
-    if node_fisher[0] is None:
+    if per_model[0] is None:
         if uncovered == Uncovered.BASE:
             if group.base is None:
                 raise FisherMaskError(f"fisher_mask: uncovered=base needs a base_model (tensor {name}).")
             return group.base.tensor.clone()
         if uncovered == Uncovered.MEAN_FISHER:
-            node_fisher = [mean_fisher_weight(nodes, stack, rule, layer, name=name) for nodes, _ in loaded]
-    if node_fisher[0] is None:
+            per_model = [mean_fisher_weight(nodes, stack, rule, layer, name=name) for nodes, _ in loaded]
+    if per_model[0] is None:
         weights: List[Weight] = list(lambdas)
     else:
-        weights = [
-            lam * (f.clamp_min(epsilon) if isinstance(f, torch.Tensor) else max(f, epsilon))
-            for lam, f in zip(lambdas, node_fisher)
-        ]
+        weights = equal_where_all_zero([lam * f for lam, f in zip(lambdas, per_model)], lambdas)
     if sparsify == Sparsify.NONE:
-        return weighted_average(members, weights)
+        return weighted_average(entries, weights)
     return merge_task_vectors(
-        group.base.tensor, [entry.tensor for entry in members], weights, sparsify, density, consensus, name=name
+        group.base.tensor, [entry.tensor for entry in entries], weights, sparsify, density, consensus, name=name
     )
 
 
 @functools.lru_cache(maxsize=256)
-def _cached_reader(path: str, stamp: Tuple[int, int]) -> FullFisherReader:
-    return FullFisherReader(path)
+def _cached_full(path: str, stamp: Tuple[int, int]) -> FullFisher:
+    return FullFisher.read(path)
 
 
-def full_fisher_reader(path: str) -> FullFisherReader:
-    """Open (once per file version) a full-Fisher folder's index; tensors are read on demand."""
+def full_fisher(path: str) -> FullFisher:
+    """Open (once per file version) a full-Fisher folder; its tensors are read on demand."""
     index = os.path.join(path, INDEX_NAME) if os.path.isdir(path) else path
-    return _cached_reader(os.path.abspath(path), _stamp(index))
+    return _cached_full(os.path.abspath(path), _stamp(index))
 
 
 def fisher_merge(
     group: TensorGroup,
     weight: PerInput[Annotated[float, Field(ge=0)]] = 1.0,
     fisher: PerInput[Optional[str]] = None,
-    fisher_floor: Annotated[float, Field(gt=0)] = 1e-6,
-    # Off by default: on four real MiniLM tasks raw Fisher merged better (README, Evidence).
+    fisher_floor: Annotated[float, Field(ge=0)] = 1e-6,
+    # Off by default: on four real MiniLM tasks raw Fisher merged better (examples/README.md).
     normalize: bool = False,
 ) -> torch.Tensor:
-    """Matena & Raffel: each model weighted by ``weight * max(F / (||F||_2 if normalize), fisher_floor)`` per entry."""
+    """Matena & Raffel: each model weighted by ``weight * max(F, fisher_floor * ||F||_2)`` per entry, divided by
+    ``||F||_2`` when ``normalize`` (``||F||_2`` is each model's own norm over all parameters)."""
     name = group.metadata.name or "<unnamed tensor>"
-    members = _members(group, fisher, method="fisher")
-    if sum(weight[e.id] for e in members) <= 0:
-        raise FisherMaskError(f"fisher: the model weights sum to zero or less for {name}; one must be positive.")
+    entries = members(group, fisher, "fisher")
+    lambdas = positive_lambdas(entries, weight, "fisher", name)
 
     def weights():
         # One model's Fisher tensor is read at a time and released after use.
-        for entry in members:
-            reader = full_fisher_reader(fisher[entry.id])
-            if name not in reader:
-                raise FisherFileError(f"Full Fisher {fisher[entry.id]} has no tensor {name}; was it measured on this model?")
-            values = reader.get(name).to(torch.float32)
-            if tuple(values.shape) != tuple(entry.tensor.shape):
-                raise FisherFileError(
-                    f"Full Fisher {fisher[entry.id]}: {name} has shape {tuple(values.shape)}, the model's tensor "
-                    f"{tuple(entry.tensor.shape)}."
-                )
+        for entry, lam in zip(entries, lambdas):
+            record = full_fisher(fisher[entry.id])
+            values = record.tensor(name, entry.tensor, where=fisher[entry.id])
+            norm = record.l2_norm
+            values.clamp_min_(fisher_floor * norm)
             if normalize:
-                values.div_(reader.l2_norm)
-            yield values.clamp_min_(fisher_floor).mul_(weight[entry.id])
+                values.div_(norm)
+            yield values.mul_(lam)
 
-    return weighted_average(members, weights())
+    return weighted_average(entries, weights(), lambdas)
 
 
 FISHER_MASK = merge_method(
@@ -191,7 +215,7 @@ FISHER_MASK = merge_method(
     name="fisher_mask",
     pretty_name="Fisher Mask Nodes",
     reference_url="https://arxiv.org/abs/2403.09891",
-    contract=InputContract(base=BasePolicy.OPTIONAL, min_inputs=1),
+    contract=InputContract(base=BasePolicy.OPTIONAL, min_inputs=2),
 )
 
 FISHER = merge_method(
@@ -199,15 +223,5 @@ FISHER = merge_method(
     name="fisher",
     pretty_name="Fisher-weighted averaging",
     reference_url="https://arxiv.org/abs/2111.09832",
-    contract=InputContract(base=BasePolicy.OPTIONAL, min_inputs=1),
+    contract=InputContract(base=BasePolicy.OPTIONAL, min_inputs=2),
 )
-
-METHODS = (FISHER_MASK, FISHER)
-
-
-def register() -> None:
-    """Register this package's merge methods with mergekit; calling it again is a no-op."""
-    known = {method.spec.name for method in merge_methods.registered_methods()}
-    for method in METHODS:
-        if method.spec.name not in known:
-            merge_methods.register(method)

@@ -5,49 +5,44 @@ Written without any network call (mergekit's own card generator queries the Hub 
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Dict, Optional
 
 from huggingface_hub import ModelCardData
 
+from ..errors import FisherMaskError
+from ..outputs import write_text
+from ..tasks import task_of
+from .methods import PLUGIN_METHODS
 from .recipe import Recipe
 
-_PIPELINE_TAGS = {"ForSequenceClassification": "text-classification", "ForCausalLM": "text-generation"}
-_METHOD_TEXT = {
-    "fisher_mask": (
-        "[Fisher Mask Nodes](https://arxiv.org/abs/2403.09891): each model's parameters are weighted by the Fisher "
-        "information of the attention-head and FFN-neuron mask nodes that scale them, "
-        "`theta = sum_k l_k F_k theta_k / sum_k l_k F_k`."
-    ),
-    "fisher": (
-        "[Fisher-weighted averaging](https://arxiv.org/abs/2111.09832) (Matena & Raffel): every parameter is "
-        "weighted by its own diagonal Fisher information."
-    ),
-}
 
-
-def _pipeline_tag(staging: Path) -> Optional[str]:
-    config = json.loads((staging / "config.json").read_text())
-    architecture = (config.get("architectures") or [""])[0]
-    architecture = architecture.replace("LMHeadModel", "ForCausalLM")
-    return next((tag for suffix, tag in _PIPELINE_TAGS.items() if architecture.endswith(suffix)), None)
+def _pipeline_tag(config) -> Optional[str]:
+    try:
+        return task_of(config).pipeline_tag
+    except FisherMaskError:  # a bare body without a task head
+        return None
 
 
 def _is_hub_id(reference: str) -> bool:
-    return not os.path.exists(reference) and reference.count("/") == 1 and not reference.startswith((".", "/"))
+    return not os.path.exists(reference) and reference.count("/") == 1 and not reference.startswith((".", "/", "~"))
 
 
-def write_model_card(staging: Path, recipe: Recipe, provenance: Dict[str, dict], *, heads_from: Optional[str]) -> None:
-    """Write README.md and mergekit_config.yml (the user's recipe, verbatim) into the merged folder."""
+def write_model_card(
+    staging: Path, recipe: Recipe, provenance: Dict[str, dict], *, config, heads_from: Optional[str]
+) -> None:
+    """Write README.md and mergekit_config.yml (the user's recipe, verbatim) into the merged folder; ``config`` is
+    the output model's HF config."""
     models = list(dict.fromkeys(recipe.model_references()))
+    plugin = PLUGIN_METHODS.get(recipe.method)
     data = ModelCardData(
         base_model=[m for m in models if _is_hub_id(m)] or None,
         tags=["merge", "mergekit", "fisher-mask"],
         library_name="transformers",
-        pipeline_tag=_pipeline_tag(staging),
+        pipeline_tag=_pipeline_tag(config),
     )
+    method = f" {plugin.card_text()}" if plugin else ""
     lines = [
         "---",
         data.to_yaml(),
@@ -55,7 +50,7 @@ def write_model_card(staging: Path, recipe: Recipe, provenance: Dict[str, dict],
         f"# {Path(recipe.path).stem} merge",
         "",
         "Merged with [mergekit](https://github.com/arcee-ai/mergekit) and `mergekit-fisher-mask` using "
-        f"the `{recipe.method}` method. {_METHOD_TEXT.get(recipe.method, '')}",
+        f"the `{recipe.method}` method.{method}",
         "",
         "## Models",
         "",
@@ -68,7 +63,7 @@ def write_model_card(staging: Path, recipe: Recipe, provenance: Dict[str, dict],
             "",
             "## Calibration",
             "",
-            "| model | data | samples | estimator | loss | Fisher summary |",
+            "| model | data | samples | estimator | loss | summary |",
             "|---|---|---|---|---|---|",
         ]
         lines += [
@@ -76,5 +71,5 @@ def write_model_card(staging: Path, recipe: Recipe, provenance: Dict[str, dict],
             for m, p in provenance.items()
         ]
     lines += ["", "## Recipe", "", "```yaml", recipe.source_text.rstrip(), "```", ""]
-    (staging / "README.md").write_text("\n".join(lines), encoding="utf-8")
-    (staging / "mergekit_config.yml").write_text(recipe.source_text, encoding="utf-8")
+    write_text(staging / "README.md", "\n".join(lines))
+    write_text(staging / "mergekit_config.yml", recipe.source_text)

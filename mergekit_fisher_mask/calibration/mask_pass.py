@@ -10,14 +10,15 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ..architectures import NodeShape, get_architecture
+from ..architectures import NodeShape
 from ..errors import FisherMaskError
-from ..settings import Aggregate, Estimator, MixedPrecision
-from ..tasks import Task, task_of
-from .engine import check_estimator, run_pass
+from ..files import MaskFisher
+from ..settings import Aggregate, CalibrationSettings, Estimator, MixedPrecision
+from ..tasks import Task
+from .engine import CalibrationPass, PassContext, PreparedCalibration, run_pass, with_overrides
 from .losses import IGNORE, TARGETS, Batch, LabelSampler, classifier_logits, per_example_losses
 from .masks import MaskNodes, all_layers
-from .placement import Placement, checkpointed, return_freed_weights_to_the_os
+from .placement import checkpointed, return_freed_weights_to_the_os
 
 ForwardFn = Callable[[torch.nn.Module, Batch], torch.Tensor]
 
@@ -91,7 +92,7 @@ class _MaskStep:
         for part in _micro_batches(batch, self.micro(length)):
             self.nodes.reset(part["input_ids"].shape[0])
             for site, value in self._contribution(part):
-                if self.estimator == Estimator.BATCH:
+                if self.estimator.per_batch:
                     gradient_sums[(site.key, site.layer)] = gradient_sums.get((site.key, site.layer), 0) + value.double()
                 else:
                     self.sums.add(site.key, site.layer, value)
@@ -115,7 +116,7 @@ class _MaskStep:
         losses = self._losses(batch)  # (B,)
         sites, masks = zip(*self.nodes.created())
         grads = torch.autograd.grad(losses.sum(), masks)  # row n of each (B, ...) gradient is dL_n/dm
-        if self.estimator == Estimator.BATCH:
+        if self.estimator.per_batch:
             return [(site, grad.float().sum(dim=0)) for site, grad in zip(sites, grads)]
         squares = [grad.float() ** 2 for grad in grads]  # (B, ...) per site
         if self.aggregate == Aggregate.NORMALIZED:  # each example's squared gradients sum to 1 over the model
@@ -131,30 +132,46 @@ class _MaskStep:
         return per_example_losses(self.model, batch, self.task, sampler)
 
 
+def micro_batch_sizer(
+    model: torch.nn.Module, context: PassContext, *, activation_budget_bytes: Optional[int] = None
+) -> Callable[[int], int]:
+    """``size(length)``: examples per backward pass for batches of ``length`` tokens, as the pass chooses them (the
+    settings' ``micro_batch_size``, else as many as fit the activation budget of the execution device)."""
+    settings, placement = context.settings, context.placement
+    budget = activation_budget_bytes or placement.activation_budget()
+    activation_bytes = 2 if settings.mixed_precision != MixedPrecision.NO else model.dtype.itemsize
+
+    def size(length: int) -> int:
+        return settings.micro_batch_size or auto_micro_batch_size(
+            context.shape, length, budget, dtype_bytes=activation_bytes, checkpointing=placement.checkpointing
+        )
+
+    return size
+
+
 def compute_mask_fisher(
     model,
     dataloader,
+    settings: Optional[CalibrationSettings] = None,
     *,
-    estimator=Estimator.EMPIRICAL,
     accelerator=None,
     forward_fn: Optional[ForwardFn] = None,
-    seed: int = 0,
     progress: bool = True,
-    mixed_precision=MixedPrecision.NO,
-    micro_batch_size: Optional[int] = None,
     activation_budget_bytes: Optional[int] = None,
-    aggregate=Aggregate.MEAN,
+    **overrides,
 ) -> Tuple[Dict[str, torch.Tensor], int]:
     """Return ``({group key: Fisher}, N)``: float32 CPU tensors, the mean over all N examples of every process (the
     ``batch`` estimator: the sum over batches).
 
-    Group keys are the mask-Fisher file's tensor names (``head_fisher`` (L, H), ``ffn_fisher`` (L, D),
-    ``expert_fisher`` (L, E, I), ...; see :mod:`mergekit_fisher_mask.architectures`).
+    ``settings`` (default: the defaults, with keyword ``overrides`` such as ``estimator="batch"``) decide the
+    estimator, aggregate, seed, mixed precision and micro-batch size. Group keys are the mask-Fisher file's tensor
+    names (``head_fisher`` (L, H), ``ffn_fisher`` (L, D), ``expert_fisher`` (L, E, I), ...; see
+    :mod:`mergekit_fisher_mask.architectures`).
 
-    Each batch runs as micro-batches of ``micro_batch_size`` examples (default: as many as fit
-    ``activation_budget_bytes`` of saved activations, by default 1 GiB on a CPU), each trimmed to its own longest
-    example. The result does not depend on the split: per-example estimators sum per example, and ``batch`` sums
-    the micro-batch gradients before squaring.
+    Each batch runs as micro-batches (default: as many examples as fit ``activation_budget_bytes`` of saved
+    activations: a share of the free memory of a GPU, 1 GiB on a CPU), each trimmed to its own longest example. The
+    result does not depend on the split: per-example estimators sum per example, and ``batch`` sums the micro-batch
+    gradients before squaring.
 
     ``forward_fn(model, batch) -> (B,)`` overrides the per-example loss (empirical and batch estimators). Batches
     must be right-padded (a left-padded ``attention_mask`` is refused).
@@ -162,37 +179,27 @@ def compute_mask_fisher(
     each layer's execution device, and offloaded or spread models run their layers under activation checkpointing.
     Parameters are frozen for the pass and restored.
     """
-    estimator = Estimator(estimator)
-    shape = NodeShape.from_config(model.config)
-    spec = get_architecture(shape.model_type)
-    task = task_of(model.config)
-    check_estimator(estimator, task)
-    if forward_fn is not None and not estimator.uses_labels:
+    settings = with_overrides(settings, overrides)
+    context = PassContext.of(model, settings)
+    if forward_fn is not None and not settings.estimator.uses_labels:
         raise FisherMaskError("A custom forward_fn defines its own labels; use the empirical or batch estimator.")
-    placement = Placement.of(model, accelerator.device if accelerator is not None else None)
-    budget = activation_budget_bytes or placement.activation_budget()
-    activation_bytes = 2 if MixedPrecision(mixed_precision) != MixedPrecision.NO else model.dtype.itemsize
-
-    def micro(length: int) -> int:
-        return micro_batch_size or auto_micro_batch_size(
-            shape, length, budget, dtype_bytes=activation_bytes, checkpointing=placement.checkpointing
-        )
-
-    if placement.offloaded:
+    micro = micro_batch_sizer(model, context, activation_budget_bytes=activation_budget_bytes)
+    if context.placement.offloaded:
         return_freed_weights_to_the_os()
-    layers = all_layers(model, spec)
-    with MaskNodes(model, spec, shape) as nodes, checkpointed(layers, placement.checkpointing):
-        step = _MaskStep(model, nodes, task, estimator, forward_fn, seed, micro, Aggregate(aggregate))
-        sums, count = run_pass(
-            model,
-            dataloader,
-            step,
-            step.sums.gather,
-            estimator=estimator,
-            accelerator=accelerator,
-            device=placement.input_device,
-            description="Mask Fisher",
-            progress=progress,
-            mixed_precision=mixed_precision,
-        )
+    layers = all_layers(model, context.spec)
+    with MaskNodes(model, context.spec, context.shape) as nodes, checkpointed(layers, context.placement.checkpointing):
+        step = _MaskStep(model, nodes, context.task, settings.estimator, forward_fn, settings.seed, micro,
+                         settings.aggregate)
+        sums, count = run_pass(model, dataloader, step, step.sums.gather, context=context, accelerator=accelerator,
+                               description="Mask Fisher", progress=progress)
     return {key: value.float() for key, value in sums.items()}, count
+
+
+def measure(run: PreparedCalibration, *, progress: bool = True) -> Tuple[Dict[str, object], int]:
+    """The mask pass over a prepared run: the fields of its :class:`MaskFisher` and N."""
+    groups, count = compute_mask_fisher(run.model, run.loader, run.settings, accelerator=run.accelerator,
+                                        progress=progress)
+    return {"groups": groups}, count
+
+
+PASS = CalibrationPass(record=MaskFisher, measure=measure, description="mask Fisher")

@@ -13,8 +13,6 @@ import ctypes
 import ctypes.util
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Union
@@ -24,7 +22,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..architectures import NodeShape
 from ..checkpoints import check_weights
-from ..errors import ModelLoadError, SettingsError
+from ..errors import ModelLoadError, SettingsError, option
 from ..outputs import check_no_overlap
 from ..settings import CalibrationSettings
 from ..tasks import task_of
@@ -45,11 +43,11 @@ class Placement:
     execution_devices: tuple = ()
 
     @classmethod
-    def of(cls, model: torch.nn.Module, default: Optional[torch.device] = None) -> "Placement":
+    def of(cls, model: torch.nn.Module) -> "Placement":
         """Read a model's placement: accelerate's dispatch if it was device-mapped, else its parameters' device."""
         device_map = getattr(model, "hf_device_map", None)
         if not device_map or len(device_map) == 1 and not any(hasattr(m, "_hf_hook") for m in model.modules()):
-            return cls(default or next(model.parameters()).device)
+            return cls(next(model.parameters()).device)
         hooked = [m for m in model.modules() if getattr(m, "_hf_hook", None) is not None]
         devices = tuple(sorted({execution_device(m) for m in hooked}, key=str))
         return cls(execution_device(model.get_input_embeddings()), dict(device_map), devices)
@@ -156,12 +154,12 @@ def _process_max_memory(settings: CalibrationSettings, accelerator) -> Optional[
     return memory
 
 
-def load_model(model_dir: Path, config, settings: CalibrationSettings, accelerator, *, attn_implementation=None):
-    """Load ``model_dir`` with the head its config names, in the settings' dtype and placement.
-
-    Returns ``(model, offload_dir)``: ``offload_dir`` is this run's own folder inside ``--offload-folder`` (None
-    without one), for the caller to remove when the pass is done.
-    """
+def load_model(
+    model_dir: Path, config, settings: CalibrationSettings, accelerator, *, offload_folder: Optional[Path] = None,
+    attn_implementation: Optional[str] = None,
+) -> torch.nn.Module:
+    """Load ``model_dir`` with the head its config names, in the settings' dtype and placement (weights offloaded
+    to disk go to ``offload_folder``, this run's own folder inside the settings' ``offload_folder``)."""
     import transformers
 
     task = task_of(config, where=str(model_dir))
@@ -172,30 +170,28 @@ def load_model(model_dir: Path, config, settings: CalibrationSettings, accelerat
     kwargs = {"dtype": getattr(torch, dtype)}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
-    offload_dir = None
     if settings.device_map:
+        if settings.offload_folder:
+            check_no_overlap(settings.offload_folder, {"the model folder": model_dir}, name="offload_folder")
         kwargs["device_map"] = settings.device_map_value()
         kwargs["max_memory"] = _process_max_memory(settings, accelerator)
-        if settings.offload_folder:
-            check_no_overlap(settings.offload_folder, {"the model folder": model_dir}, option="offload folder")
-            os.makedirs(settings.offload_folder, exist_ok=True)
-            # Our own folder inside the user's, one per process: removed after the pass, the user's left alone.
-            offload_dir = Path(tempfile.mkdtemp(prefix="mergekit-fisher-offload-", dir=settings.offload_folder))
-            kwargs["offload_folder"] = str(offload_dir)
+        if offload_folder is not None:
+            kwargs["offload_folder"] = str(offload_folder)
     auto = getattr(transformers, task.auto_class)
     try:
         model = auto.from_pretrained(model_dir, **kwargs)
     except (OSError, ValueError, RuntimeError) as error:
-        if offload_dir is not None:
-            shutil.rmtree(offload_dir, ignore_errors=True)
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        hint = " Pass --offload-folder DIR for weights that do not fit in memory." if "offload" in first else ""
+        hint = f" Pass {option('offload_folder')} DIR for weights that do not fit in memory." if "offload" in first else ""
         raise ModelLoadError(f"{model_dir}: cannot load the model ({first}).{hint}") from error
+    device_map = getattr(model, "hf_device_map", None)
     if not settings.device_map:
         model.to(accelerator.device)
-    else:
-        LOG.info("Device map: %s", _summary(model.hf_device_map))
-    return model, offload_dir
+    elif device_map:
+        LOG.info("Device map: %s", _summary(device_map))
+    else:  # transformers places a model that fits on one device there, without dispatching it
+        LOG.info("Device map: the whole model fits on %s.", next(model.parameters()).device)
+    return model
 
 
 def _summary(device_map: Dict[str, Union[int, str]]) -> str:

@@ -28,6 +28,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from ..errors import CalibrationDataError
+from ..paths import looks_local, user_path
 from ..tasks import Task
 from .losses import IGNORE, TARGETS
 
@@ -143,7 +144,8 @@ def _load_file(source: str):
         detail = _first_bad_json_line(source) if suffix in (".jsonl", ".json") else None
         cause = error.__cause__ or error
         detail = detail or (str(cause).strip().splitlines() or [type(cause).__name__])[0]
-        if isinstance(error, StopIteration) or "SchemaInference" in type(cause).__name__:
+        if (isinstance(error, StopIteration) or "SchemaInference" in type(cause).__name__
+                or "corresponds to no data" in str(cause)):
             detail = "it holds no rows"
         raise CalibrationDataError(
             f"Calibration data {source} cannot be read as {_BUILDERS[suffix]}: {detail}."
@@ -154,17 +156,19 @@ def load_rows(source: str):
     """Load a local .jsonl/.json/.csv/.parquet/.txt file, or ``name[:config][@split]`` from ``datasets``."""
     import datasets
 
-    if os.path.isdir(source):
+    local = user_path(source)
+    if local.is_dir():
         raise CalibrationDataError(f"Calibration data {source} is a folder; pass a data file or a datasets name.")
-    if os.path.exists(source):
-        return _load_file(source)
+    if local.exists():
+        return _load_file(str(local))
     name, _, split = source.partition("@")
     name, _, config = name.partition(":")
     # A Hub dataset is "name" or "org/name"; anything else that does not exist is a missing local file.
-    looks_local = (os.path.splitext(source)[1].lower() in _BUILDERS or source.startswith((".", "/", "~"))
-                   or name.count("/") > 1 or (os.sep != "/" and os.sep in source))
-    if looks_local:
-        raise CalibrationDataError(f"Calibration data file {source} does not exist.")
+    if os.path.splitext(source)[1].lower() in _BUILDERS or looks_local(name):
+        raise CalibrationDataError(
+            f"Calibration data file {source} does not exist ({local}; data paths are resolved against the current "
+            f"folder {os.getcwd()}, or a recipe's folder)."
+        )
     try:
         return datasets.load_dataset(name, config or None, split=split or "train")
     except Exception as error:  # datasets raises many types for "not found" / "offline"
@@ -229,14 +233,31 @@ def _pick_columns(
     )
 
 
-def _usable(kind: str, fields: Tuple[Any, ...]) -> bool:
-    if kind in (TEXT, SEQ2SEQ):
-        return all(isinstance(text, str) and text.strip() for text in fields)
-    if kind == TOKENS:
-        return isinstance(fields[0], list) and len(fields[0]) > 0
-    if kind == QA:
-        return all(isinstance(text, str) and text.strip() for text in fields[:2]) and isinstance(fields[2], dict)
-    return all(isinstance(part, (str, list)) and len(part) > 0 for part in fields)
+def _unusable(kind: str, fields: Tuple[Any, ...], columns: Sequence[str]) -> Optional[str]:
+    """Why an example cannot be used (``None``: it can), e.g. ``"no value in 'text'"``."""
+    checked = columns[:2] if kind == QA else columns
+    for value, column in zip(fields, checked):
+        if value is None:
+            return f"no value in {column!r}"
+        if kind in (TEXT, SEQ2SEQ, QA) and not isinstance(value, str):
+            return f"a {type(value).__name__}, not text, in {column!r}"
+        if isinstance(value, str) and not value.strip():
+            return f"empty text in {column!r}"
+        if kind == TOKENS and not (isinstance(value, list) and value):
+            return f"no word list in {column!r}"
+        if not isinstance(value, (str, list)) or len(value) == 0:
+            return f"nothing usable in {column!r} ({type(value).__name__})"
+    if kind == QA and not isinstance(fields[2], dict):
+        return f"no answers mapping in {columns[2]!r}"
+    return None
+
+
+def _skipped(reasons: Dict[str, List[int]]) -> str:
+    """``12 rows skipped: 8 with no value in 'text' (e.g. row 3), 4 with ...``."""
+    total = sum(len(rows) for rows in reasons.values())
+    parts = [f"{len(rows)} with {reason} (e.g. row {rows[0] + 1})" for reason, rows in
+             sorted(reasons.items(), key=lambda item: -len(item[1]))]
+    return f"{total} row(s) skipped: " + ", ".join(parts)
 
 
 def select_examples(
@@ -274,9 +295,12 @@ def select_examples(
     available = len(rows)
     rows = rows.add_column(_ROW, list(range(available))).shuffle(seed=seed)
     examples, labels, numbers = [], [], []
+    reasons: Dict[str, List[int]] = {}
     for row in rows:
         fields = tuple(row[column] for column in text_cols)
-        if not _usable(kind, fields):
+        reason = _unusable(kind, fields, text_cols)
+        if reason is not None:
+            reasons.setdefault(reason, []).append(row[_ROW])
             continue
         examples.append(fields)
         numbers.append(row[_ROW])
@@ -285,9 +309,12 @@ def select_examples(
         if len(examples) == samples:
             break
     if not examples:
-        raise CalibrationDataError(f"Calibration data {source} has no non-empty examples in column(s) {text_cols}.")
+        why = _skipped(reasons) if reasons else "it holds no rows"
+        raise CalibrationDataError(f"Calibration data {source} has no usable example in column(s) {text_cols}: {why}.")
     if len(examples) < samples:
-        LOG.warning("Calibration data %s has only %d usable examples; %d were asked for.", source, len(examples), samples)
+        why = f" ({_skipped(reasons)})" if reasons else ""
+        LOG.warning("Calibration data %s has only %d usable examples; %d were asked for%s.", source, len(examples),
+                    samples, why)
     description = {
         "source": source,
         "kind": kind,

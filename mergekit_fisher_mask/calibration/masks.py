@@ -65,15 +65,18 @@ def _masked_experts_forward(nodes: "MaskNodes", site: _Site):
         mask = nodes.mask(site, hidden_states.device)  # (B, E, I)
         example = torch.arange(tokens, device=hidden_states.device) // (tokens // nodes.batch_size)  # (B * T,)
         final = torch.zeros_like(hidden_states)
-        num_experts = experts.gate_up_proj.shape[0]
+        gate_up = getattr(experts, site.site.gate_up)  # (E, 2I, H)
+        down = getattr(experts, site.site.weight)  # (E, H, I)
+        act = getattr(experts, site.site.activation)
+        num_experts = gate_up.shape[0]
         with torch.no_grad():  # experts some token was routed to (index num_experts marks a dropped slot)
             counts = torch.bincount(top_k_index.flatten(), minlength=num_experts + 1)[:num_experts]
             hits = counts.nonzero().flatten().tolist()
         for expert in hits:
             token_index, top_k_position = torch.where(top_k_index == expert)
-            gate, up = F.linear(hidden_states[token_index], experts.gate_up_proj[expert]).chunk(2, dim=-1)
-            activation = experts.act_fn(gate) * up * mask[example[token_index], expert].to(up.dtype)  # (n, I)
-            out = F.linear(activation, experts.down_proj[expert]) * top_k_weights[token_index, top_k_position, None]
+            gate, up = F.linear(hidden_states[token_index], gate_up[expert]).chunk(2, dim=-1)  # (n, I) each
+            activation = act(gate) * up * mask[example[token_index], expert].to(up.dtype)  # (n, I)
+            out = F.linear(activation, down[expert]) * top_k_weights[token_index, top_k_position, None]
             final.index_add_(0, token_index, out.to(final.dtype))
         return final
 

@@ -10,17 +10,20 @@ hand-built additive 4D mask (padding, plus causality for the families whose tabl
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from pathlib import Path
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
 from ..architectures import Kind, get_architecture
-from ..errors import FisherMaskError
-from ..settings import Estimator, MixedPrecision
+from ..checkpoints import iter_tensor_headers, shard_map
+from ..errors import FisherMaskError, SettingsError, option
+from ..files import FullFisher
+from ..settings import CalibrationSettings, Estimator
 from ..tasks import Task, task_of
-from .engine import check_estimator, run_pass
+from .engine import CalibrationPass, PassContext, PreparedCalibration, run_pass, with_overrides
 from .losses import Batch, LabelSampler, lm_target_weights, model_inputs, per_example_losses
 
 
@@ -69,7 +72,7 @@ class _FullStep:
         self.per_example_grad = vmap(grad(loss), in_dims=(None, 0, 0, 0))
 
     def __call__(self, batch: Batch) -> None:
-        if self.estimator == Estimator.BATCH:
+        if self.estimator.per_batch:
             self._add_batch_square(batch)
             return
         inputs = model_inputs(batch)  # input_ids, attention_mask and any other model input, each (B, T)
@@ -124,9 +127,9 @@ class _FullStep:
 _FULL_TASKS = (Task.CLASSIFICATION, Task.REGRESSION, Task.CAUSAL_LM)
 
 
-def check_full_supported(config) -> None:
+def check_full_supported(config, settings: Optional[CalibrationSettings] = None) -> None:
     """The full pass vectorises one example's loss through functional_call: sequence classifiers and causal LMs of
-    single-stack, dense families. Refuse the rest with a clear error."""
+    single-stack, dense families, on one device. Refuse the rest with a clear error."""
     spec = get_architecture(config.model_type)
     task = task_of(config)
     experts = any(site.kind == Kind.EXPERTS for stack in spec.stacks for site in stack.sites.values())
@@ -135,44 +138,67 @@ def check_full_supported(config) -> None:
             f"The full Fisher (--full) supports sequence classifiers and causal LMs of dense single-stack models; this "
             f"is a {spec.name} {task.value} model. Calibrate its mask Fisher (method fisher_mask) instead."
         )
+    if settings is not None and settings.device_map:
+        raise SettingsError(
+            f"The full Fisher needs the whole model on one device (a per-example gradient of every parameter), so "
+            f"it does not take {option('device_map')}. Calibrate the mask Fisher with {option('device_map')} "
+            f"instead, or drop {option('device_map')}."
+        )
 
 
 def compute_full_fisher(
-    model,
-    dataloader,
-    *,
-    estimator=Estimator.EMPIRICAL,
-    accelerator=None,
-    chunk_size: int = 8,
-    seed: int = 0,
-    progress: bool = True,
-    mixed_precision=MixedPrecision.NO,
+    model, dataloader, settings: Optional[CalibrationSettings] = None, *, accelerator=None, progress: bool = True,
+    **overrides,
 ) -> Tuple[Dict[str, torch.Tensor], int]:
-    """Return ({parameter name: Fisher as float32 CPU tensors}, N); same estimators as the mask pass."""
-    estimator = Estimator(estimator)
-    if chunk_size < 1:
-        raise FisherMaskError(f"chunk_size must be positive, got {chunk_size}.")
+    """Return ({parameter name: Fisher as float32 CPU tensors}, N); same estimators as the mask pass. The settings'
+    ``chunk_size`` examples' gradients are held at once."""
+    settings = with_overrides(settings, overrides)
     if getattr(model, "hf_device_map", None) and len(set(model.hf_device_map.values())) > 1:
         raise FisherMaskError(
             "The full Fisher needs the whole model on one device (per-example gradients of every parameter); this "
             "model is spread by a device map. Calibrate the mask Fisher with --device-map, or drop --device-map."
         )
-    task = task_of(model.config)
-    check_estimator(estimator, task)
     check_full_supported(model.config)
-    device = accelerator.device if accelerator is not None else next(model.parameters()).device
-    step = _FullStep(model, task, estimator, chunk_size, seed)
+    context = PassContext.of(model, settings)
+    step = _FullStep(model, context.task, settings.estimator, settings.chunk_size, settings.seed)
     sums, count = run_pass(
         model,
         dataloader,
         step,
         lambda: {name: value.cpu() for name, value in step.sums.items()},
-        estimator=estimator,
+        context=context,
         accelerator=accelerator,
-        device=device,
         description="Full Fisher",
         progress=progress,
-        mixed_precision=mixed_precision,
-        trainable=estimator == Estimator.BATCH,  # vmap's grad() differentiates the detached copies instead
+        trainable=settings.estimator.per_batch,  # vmap's grad() differentiates the detached copies instead
     )
     return {name: value.float() for name, value in sums.items()}, count
+
+
+def measure(run: PreparedCalibration, *, progress: bool = True):
+    """The full pass over a prepared run: the fields of its :class:`FullFisher` and N."""
+    tensors, count = compute_full_fisher(run.model, run.loader, run.settings, accelerator=run.accelerator,
+                                         progress=progress)
+    return {"tensors": tensors, "shard_of": shard_map(run.model_dir)}, count
+
+
+def _float32_bytes(model_dir: Path, config, settings) -> int:
+    """A full Fisher stores one float32 per parameter."""
+    total = 0
+    for _, _, shape, _, _ in iter_tensor_headers(model_dir):
+        count = 1
+        for size in shape:
+            count *= size
+        total += 4 * count
+    return total
+
+
+PASS = CalibrationPass(
+    record=FullFisher,
+    measure=measure,
+    description="full Fisher",
+    check=check_full_supported,
+    # Eager attention is plain matmuls that vmap batches; SDPA has no batching rule on CPU and would be looped.
+    model_options={"attn_implementation": "eager"},
+    output_bytes=_float32_bytes,
+)

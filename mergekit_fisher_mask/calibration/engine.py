@@ -1,0 +1,181 @@
+"""What every calibration pass shares: its settings and preamble, the frozen model, the loop and the one reduce.
+
+A pass supplies a ``step(batch)`` that adds one batch's contribution to its own running sums, and a ``collect()``
+that returns those sums as a dict of CPU tensors; :func:`run_pass` does everything else. A pass for the
+command line and the Python API is a :class:`CalibrationPass`: the file format it writes and how it measures a
+prepared run (see :mod:`.api`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+
+import torch
+from tqdm.auto import tqdm
+
+from ..architectures import ArchitectureSpec, NodeShape, get_architecture
+from ..errors import CalibrationDataError
+from ..settings import CalibrationSettings, MixedPrecision, check_estimator, make_settings
+from ..tasks import Task, task_of
+from .losses import Batch, model_inputs
+from .placement import Placement
+
+_COUNT = "__examples__"  # the example count travels with the sums through one reduce
+
+
+def with_overrides(settings: Optional[CalibrationSettings], overrides: Dict[str, Any]) -> CalibrationSettings:
+    """``settings`` (default: the defaults) with keyword overrides, validated as one settings object."""
+    settings = settings or CalibrationSettings()
+    if not overrides:
+        return settings
+    return make_settings({**settings.model_dump(exclude_unset=True), **overrides}, "calibration settings")
+
+
+@dataclass(frozen=True)
+class PassContext:
+    """What a pass reads off the model and its settings before the first batch (the preamble every pass shares)."""
+
+    settings: CalibrationSettings
+    task: Task
+    spec: ArchitectureSpec
+    shape: NodeShape
+    placement: Placement
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, settings: CalibrationSettings, *, check: bool = True) -> "PassContext":
+        """Refuse an estimator the model's task does not support, and read the model's layout and placement."""
+        task = task_of(model.config)
+        if check:
+            check_estimator(settings.estimator, task)
+        shape = NodeShape.from_config(model.config)
+        return cls(settings, task, get_architecture(shape.model_type), shape, Placement.of(model))
+
+
+@dataclass
+class PreparedCalibration:
+    """A loaded model and its sharded, tokenized calibration data, ready for a pass (see ``prepare_calibration``).
+
+    Use it as a context manager (or call :meth:`cleanup`): this run's own offload folder is removed at the end.
+    """
+
+    model_dir: Path
+    model: torch.nn.Module
+    loader: Any
+    description: Dict[str, Any]
+    accelerator: Any
+    settings: CalibrationSettings
+    task: Task
+    _resources: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, repr=False)
+
+    def cleanup(self) -> None:
+        self._resources.close()
+
+    def __enter__(self) -> "PreparedCalibration":
+        return self
+
+    def __exit__(self, *_exc_info) -> None:
+        self.cleanup()
+
+    def inputs(self, batch: Batch) -> Batch:
+        """A batch of the loader as the model's forward takes it: model inputs only, on the model's input device."""
+        device = Placement.of(self.model).input_device
+        return {key: value.to(device) for key, value in model_inputs(batch).items()}
+
+
+@dataclass(frozen=True)
+class CalibrationPass:
+    """One statistic the ``calibrate`` command can measure: the record type (file format) it writes, how it measures
+    a prepared run (``measure(run, progress=...) -> (record fields, N)``), refusals that need only the config and
+    settings, how the model is loaded for it, and the expected size of its output (for the free-space check)."""
+
+    record: type
+    measure: Callable[..., Tuple[Dict[str, Any], int]]
+    description: str
+    check: Callable[[Any, CalibrationSettings], None] = lambda config, settings: None
+    model_options: Dict[str, Any] = field(default_factory=dict)
+    output_bytes: Callable[[Path, Any, CalibrationSettings], Optional[int]] = lambda model_dir, config, settings: None
+
+
+@contextlib.contextmanager
+def frozen(model: torch.nn.Module, *, trainable: bool = False):
+    """Evaluation mode (the Fisher of the deterministic model), parameter gradients off (or on, if ``trainable``)
+    and no KV cache (calibration never generates, and a layer recomputed under activation checkpointing would
+    append to the cache twice). The model's mode, flags and ``config.use_cache`` are restored on exit."""
+    was_training = model.training
+    flags = [parameter.requires_grad for parameter in model.parameters()]
+    config = getattr(model, "config", None)
+    use_cache = getattr(config, "use_cache", None)
+    model.eval()
+    model.requires_grad_(trainable)
+    if use_cache is not None:
+        config.use_cache = False
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+        for parameter, flag in zip(model.parameters(), flags):
+            parameter.requires_grad_(flag)
+        if use_cache is not None:
+            config.use_cache = use_cache
+
+
+def autocast_context(mixed_precision, accelerator, device: torch.device):
+    """Autocast for ``bf16``/``fp16``; for ``no``, the accelerator's own setting (``accelerate launch --mixed_precision``).
+
+    Autocast is applied per call rather than through ``Accelerator(mixed_precision=...)``: accelerate's state is a
+    process-wide singleton, so a second calibration with another precision in the same process would be refused.
+    """
+    mixed_precision = MixedPrecision(mixed_precision)
+    if mixed_precision != MixedPrecision.NO:
+        dtype = torch.bfloat16 if mixed_precision == MixedPrecision.BF16 else torch.float16
+        return torch.autocast(device.type, dtype=dtype)
+    return accelerator.autocast() if accelerator is not None else contextlib.nullcontext()
+
+
+def reduce_sums(sums: Dict[str, torch.Tensor], examples: int, accelerator) -> Tuple[Dict[str, torch.Tensor], int]:
+    """Sum CPU running sums and the example count over data-parallel processes (a no-op on one process)."""
+    sums = {**sums, _COUNT: torch.tensor([float(examples)], dtype=torch.float64)}
+    if accelerator is not None and accelerator.num_processes > 1:
+        on_device = {name: value.to(accelerator.device) for name, value in sums.items()}
+        sums = {name: value.cpu() for name, value in accelerator.reduce(on_device, reduction="sum").items()}
+    count = int(sums.pop(_COUNT).item())
+    return sums, count
+
+
+def run_pass(
+    model: torch.nn.Module,
+    dataloader: Iterable[Batch],
+    step: Callable[[Batch], None],
+    collect: Callable[[], Dict[str, torch.Tensor]],
+    *,
+    context: PassContext,
+    accelerator,
+    description: str,
+    progress: bool = True,
+    trainable: bool = False,
+    average: bool = True,
+) -> Tuple[Dict[str, torch.Tensor], int]:
+    """Run ``step`` over every batch of a frozen model and return the reduced sums and the example count N.
+
+    Each batch is moved to the model's input device and run under the settings' mixed precision. Sums are averaged
+    over the N examples when ``average`` and the estimator squares per example; the ``batch`` estimator's sums are
+    returned as they are (squared per batch and summed, as the authors do).
+    """
+    show = progress and (accelerator is None or accelerator.is_main_process)
+    device = context.placement.input_device
+    examples = 0
+    with frozen(model, trainable=trainable):
+        for batch in tqdm(dataloader, desc=description, unit="batch", disable=not show):
+            batch = {key: value.to(device) for key, value in batch.items()}  # a no-op when already there
+            with autocast_context(context.settings.mixed_precision, accelerator, device):
+                step(batch)
+            examples += batch["input_ids"].shape[0]
+    sums, count = reduce_sums(collect(), examples, accelerator)
+    if count == 0:
+        raise CalibrationDataError("The calibration dataloader yielded no examples; check the data source and --samples.")
+    if average and not context.settings.estimator.per_batch:
+        sums = {name: value / count for name, value in sums.items()}
+    return sums, count
