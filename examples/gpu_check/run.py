@@ -208,7 +208,7 @@ def merge_check(work: Path, device: Device, args) -> dict:
     import yaml
     from mergekit.options import MergeOptions
 
-    from mergekit_fisher_mask import CalibrationSettings, MaskFisher, NodeShape, compute_mask_fisher
+    from mergekit_fisher_mask import MaskFisher, NodeShape, compute_mask_fisher
     from mergekit_fisher_mask.checkpoints import model_fingerprint
     from mergekit_fisher_mask.pipeline import run_fisher_merge
 

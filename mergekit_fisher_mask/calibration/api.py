@@ -28,10 +28,10 @@ from ..outputs import claim_output, private_folder
 from ..paths import PathLike, user_path
 from ..settings import CalibrationSettings, check_estimator, make_settings
 from ..tasks import Task, task_of
-from .full_pass import PASS as FULL_PASS
-from .mask_pass import PASS as MASK_PASS
 from .data import CalibrationDataset, encode_labels, prepare_tokenizer, select_examples
 from .engine import CalibrationPass, PreparedCalibration
+from .full_pass import PASS as FULL_PASS
+from .mask_pass import PASS as MASK_PASS
 from .placement import accelerator_type, load_model
 
 LOG = logging.getLogger(__name__)

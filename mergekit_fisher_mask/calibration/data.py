@@ -233,6 +233,14 @@ def _pick_columns(
     )
 
 
+def _kind_of(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {list: "a list", dict: "a mapping"}.get(type(value), f"a {type(value).__name__}")
+
+
 def _unusable(kind: str, fields: Tuple[Any, ...], columns: Sequence[str]) -> Optional[str]:
     """Why an example cannot be used (``None``: it can), e.g. ``"no value in 'text'"``."""
     checked = columns[:2] if kind == QA else columns
@@ -240,13 +248,13 @@ def _unusable(kind: str, fields: Tuple[Any, ...], columns: Sequence[str]) -> Opt
         if value is None:
             return f"no value in {column!r}"
         if kind in (TEXT, SEQ2SEQ, QA) and not isinstance(value, str):
-            return f"a {type(value).__name__}, not text, in {column!r}"
+            return f"{_kind_of(value)}, not text, in {column!r}"
         if isinstance(value, str) and not value.strip():
             return f"empty text in {column!r}"
         if kind == TOKENS and not (isinstance(value, list) and value):
             return f"no word list in {column!r}"
         if not isinstance(value, (str, list)) or len(value) == 0:
-            return f"nothing usable in {column!r} ({type(value).__name__})"
+            return f"{_kind_of(value)}, not text or chat turns, in {column!r}"
     if kind == QA and not isinstance(fields[2], dict):
         return f"no answers mapping in {columns[2]!r}"
     return None

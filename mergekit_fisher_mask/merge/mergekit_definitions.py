@@ -24,7 +24,6 @@ from typing import Iterable, List
 from mergekit.architecture import ModelArchitecture, ModuleArchitecture, ModuleDefinition, get_architecture_info
 from mergekit.architecture.json_definitions import NAME_TO_ARCH, JsonModuleArchDef, JsonModuleArchitecture
 
-
 CORRECTIONS = ("gpt-neox.json",)  # in mergekit_fisher_mask/merge/definitions/
 _DEFINITIONS = "mergekit_fisher_mask.merge.definitions"
 

@@ -235,9 +235,8 @@ def _check_model_path(reference: str, base_dir: Path, where: str) -> None:
     beside_recipe = base_dir / reference
     if beside_recipe.is_dir() and not reference.startswith(("/", "~")):
         raise RecipeError(
-            f"{where}: model {reference!r} is not a folder of the current folder {cwd}: model paths are resolved "
-            f"against the current folder, as mergekit loads them. Did you mean {beside_recipe}? Write that path, or "
-            f"run from {base_dir}."
+            f"{where}: model {reference!r} is not a folder here: model paths are resolved against the current folder "
+            f"{cwd}, as mergekit loads them. Did you mean {beside_recipe}? Write that path, or run from {base_dir}."
         )
     if looks_local(reference) or os.path.exists(user_path(reference)):
         what = "is a file, not a model folder" if user_path(reference).is_file() else "does not exist"
