@@ -1,6 +1,7 @@
 """Fisher Mask Nodes merging (arXiv 2403.09891) as a mergekit plugin.
 
-Importing this package registers the ``fisher_mask`` and ``fisher`` merge methods with mergekit (idempotently).
+Importing this package registers the ``fisher_mask``, ``fisher`` and ``regmean`` merge methods with mergekit
+(idempotently).
 
 Layout (dependencies point down the list, never up):
 
@@ -24,11 +25,13 @@ with quiet_interrupts():  # the imports below take seconds; Ctrl-C meanwhile end
         PreparedCalibration,
         calibrate,
         calibrate_full,
+        calibrate_gram,
         load_calibration,
         plan_calibration,
         prepare_calibration,
     )
     from .calibration.full_pass import compute_full_fisher
+    from .calibration.gram_pass import compute_gram
     from .calibration.mask_pass import compute_mask_fisher
     from .errors import (
         CalibrationDataError,
@@ -40,11 +43,13 @@ with quiet_interrupts():  # the imports below take seconds; Ctrl-C meanwhile end
         SettingsError,
         UnsupportedArchitectureError,
     )
-    from .files import FullFisher, FullFisherReader, MaskFisher, load_mask_fisher, save_mask_fisher
+    from .files import FullFisher, FullFisherReader, GramStats, MaskFisher, load_mask_fisher, save_mask_fisher
     from .merge import (
         FISHER,
         FISHER_MASK,
         PLUGIN_METHODS,
+        REGMEAN,
+        Nonlinear,
         Normalize,
         Scheme,
         Sparsify,
@@ -52,6 +57,7 @@ with quiet_interrupts():  # the imports below take seconds; Ctrl-C meanwhile end
         fisher_mask_merge,
         fisher_merge,
         register,
+        regmean_merge,
     )
     from .settings import Aggregate, CalibrationSettings, Estimator, LoadDtype, MixedPrecision
     from .tasks import Loss, Task
@@ -74,16 +80,19 @@ __all__ = [
     "FisherMaskError",
     "FullFisher",
     "FullFisherReader",
+    "GramStats",
     "LoadDtype",
     "Loss",
     "MaskFisher",
     "MixedPrecision",
     "ModelLoadError",
     "NodeShape",
+    "Nonlinear",
     "Normalize",
     "OutputPathError",
     "PLUGIN_METHODS",
     "PreparedCalibration",
+    "REGMEAN",
     "RecipeError",
     "Scheme",
     "SettingsError",
@@ -93,7 +102,9 @@ __all__ = [
     "UnsupportedArchitectureError",
     "calibrate",
     "calibrate_full",
+    "calibrate_gram",
     "compute_full_fisher",
+    "compute_gram",
     "compute_mask_fisher",
     "fisher_mask_merge",
     "fisher_merge",
@@ -103,5 +114,6 @@ __all__ = [
     "plan_calibration",
     "prepare_calibration",
     "register",
+    "regmean_merge",
     "save_mask_fisher",
 ]

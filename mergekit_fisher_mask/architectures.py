@@ -116,6 +116,20 @@ class NodeSite:
 
 
 @dataclass(frozen=True)
+class GramInput:
+    """A linear layer's input whose Gram matrix RegMean measures, and the weights that read it.
+
+    ``module`` is the module (relative to one layer) whose input is measured; ``weights`` are the in-layer names of
+    every weight that multiplies that same input (q, k and v share one; so do gate and up); ``input_axis`` is the
+    weights' input axis (1 for ``nn.Linear``'s [out, in], 0 for GPT-2's transposed Conv1D [in, out]).
+    """
+
+    module: str
+    weights: Tuple[str, ...]
+    input_axis: int = 1
+
+
+@dataclass(frozen=True)
 class Stack:
     """One stack of layers and its node groups."""
 
@@ -125,6 +139,8 @@ class Stack:
     sites: Mapping[str, NodeSite]  # group name -> where it is measured
     tensors: Mapping[str, TensorRule]  # exact in-layer suffix -> rule
     decoder: bool = False  # layer count from the config's decoder key (T5's num_decoder_layers)
+    # RegMean's inputs, by name (attn_in, attn_out, ffn_in, ffn_out); empty: the family has no Gram pass
+    grams: Mapping[str, GramInput] = field(default_factory=dict)
 
     def key(self, group: str) -> str:
         """The group's tensor name in the mask-Fisher file."""
@@ -213,6 +229,24 @@ def _attention(q: str, k: str, v: str, o: str, group: Optional[str] = None) -> d
 def _gated_ffn(gate: str, up: str, down: str) -> dict:
     return {**_linear(gate, Role.UP, 0), **_linear(up, Role.UP, 0), **_linear(down, Role.DOWN, 1)}
 
+
+def _grams(attention: Tuple[str, ...], out: str, ffn_in: Tuple[str, ...] = (), ffn_out: Optional[str] = None,
+           axis: int = 1) -> Dict[str, GramInput]:
+    """RegMean's inputs of a layer: the attention projections' shared input, the attention output projection's,
+    the FFN input projections' shared input and the FFN output projection's (each a module name)."""
+    weights = lambda modules: tuple(f"{module}.weight" for module in modules)  # noqa: E731
+    grams = {"attn_in": GramInput(attention[0], weights(attention), axis), "attn_out": GramInput(out, weights((out,)), axis)}
+    if ffn_in:
+        grams["ffn_in"] = GramInput(ffn_in[0], weights(ffn_in), axis)
+    if ffn_out:
+        grams["ffn_out"] = GramInput(ffn_out, weights((ffn_out,)), axis)
+    return grams
+
+
+_LLAMA_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_LLAMA_GRAMS = _grams(_LLAMA_QKV, "self_attn.o_proj", ("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj")
+_BERT_GRAMS = _grams(("attention.self.query", "attention.self.key", "attention.self.value"), "attention.output.dense",
+                     ("intermediate.dense",), "output.dense")
 
 # One optional leading component ("bert.", "model.", ...) so a tensor is found whether the checkpoint holds a
 # bare body or a model with a head; the layer index is matched as a whole dot-delimited number.
@@ -352,11 +386,12 @@ def _t5_stack(name: str) -> Stack:
     return Stack(name, f"{name}.block", _PREFIX + rf"{name}\.block\.(\d+)\.(.+)", sites, _t5_tensors(decoder), decoder)
 
 
-def _bert_like(name: str, positions: Positions = Positions.ABSOLUTE, tensors=_BERT_TENSORS) -> ArchitectureSpec:
+def _bert_like(name: str, positions: Positions = Positions.ABSOLUTE, tensors=_BERT_TENSORS,
+               grams=_BERT_GRAMS) -> ArchitectureSpec:
     sites = {"head": NodeSite(Kind.HEADS, "attention.output.dense"), "ffn": NodeSite(Kind.NEURONS, "output.dense")}
     return ArchitectureSpec(
         name=name,
-        stacks=(Stack("", "encoder.layer", _PREFIX + r"encoder\.layer\.(\d+)\.(.+)", sites, tensors),),
+        stacks=(Stack("", "encoder.layer", _PREFIX + r"encoder\.layer\.(\d+)\.(.+)", sites, tensors, grams=grams),),
         embedding_pattern=_PREFIX + r"(?:embeddings\.(?!position_ids).+|pooler\..+|encoder\.rel_embeddings\..+"
         r"|encoder\.LayerNorm\..+)",
         task_head_pattern=r"(?:classifier|qa_outputs)\..+",
@@ -365,27 +400,36 @@ def _bert_like(name: str, positions: Positions = Positions.ABSOLUTE, tensors=_BE
     )
 
 
-def _llama_like(name: str, tensors=_LLAMA_TENSORS, sites=_LLAMA_SITES, **options) -> ArchitectureSpec:
+def _llama_like(name: str, tensors=_LLAMA_TENSORS, sites=_LLAMA_SITES, grams=_LLAMA_GRAMS, **options) -> ArchitectureSpec:
     return ArchitectureSpec(
         name=name,
-        stacks=(Stack("", "layers", _PREFIX + r"layers\.(\d+)\.(.+)", sites, tensors),),
+        stacks=(Stack("", "layers", _PREFIX + r"layers\.(\d+)\.(.+)", sites, tensors, grams=grams),),
         embedding_pattern=_PREFIX + r"embed_tokens\.weight",
         task_head_pattern=_DECODER_HEADS,
         **options,
     )
 
 
-def _moe(name: str, tensors, keys: ConfigKeys, sites=_MOE_SITES) -> ArchitectureSpec:
+# Mixtures of experts: attention only; routed experts and routers have no Gram (RegMean merges them by its
+# ``nonlinear`` rule, and says so).
+_MOE_GRAMS = _grams(_LLAMA_QKV, "self_attn.o_proj")
+
+
+def _moe(name: str, tensors, keys: ConfigKeys, sites=_MOE_SITES, grams=_MOE_GRAMS) -> ArchitectureSpec:
     mixed = (
         "mlp_only_layers",
         lambda layers: bool(layers),
         "dense and sparse layers mixed; mergekit 0.1.5 silently drops such models' experts. Merge all-sparse models.",
     )
     step = ("decoder_sparse_step", lambda step: step not in (None, 1), mixed[2])
-    return _llama_like(name, tensors, sites, keys=keys, checks=(mixed, step))
+    return _llama_like(name, tensors, sites, grams, keys=keys, checks=(mixed, step))
 
 
-_DEBERTA = _bert_like("DeBERTa-v2", Positions.ROTARY, _DEBERTA_TENSORS)
+# DeBERTa's query and key projections also project the relative position embeddings (share_att_key), so the
+# token input they share with the value projection is measured at the value projection, which sees tokens only.
+_DEBERTA = _bert_like("DeBERTa-v2", Positions.ROTARY, _DEBERTA_TENSORS, _grams(
+    ("attention.self.value_proj", "attention.self.query_proj", "attention.self.key_proj"), "attention.output.dense",
+    ("intermediate.dense",), "output.dense"))
 _NO_QA = (  # mergekit 0.1.5 plans decoder QA models from the causal-LM tensor names and drops qa_outputs
     "architectures",
     lambda names: bool(names) and names[0].endswith("ForQuestionAnswering"),
@@ -400,7 +444,9 @@ ARCHITECTURES: Mapping[str, ArchitectureSpec] = {
         name="DistilBERT",
         stacks=(Stack("", "transformer.layer", _PREFIX + r"transformer\.layer\.(\d+)\.(.+)",
                       {"head": NodeSite(Kind.HEADS, "attention.out_lin"), "ffn": NodeSite(Kind.NEURONS, "ffn.lin2")},
-                      _DISTILBERT_TENSORS),),
+                      _DISTILBERT_TENSORS,
+                      grams=_grams(("attention.q_lin", "attention.k_lin", "attention.v_lin"), "attention.out_lin",
+                                   ("ffn.lin1",), "ffn.lin2")),),
         embedding_pattern=_PREFIX + r"embeddings\.(?!position_ids).+",
         task_head_pattern=r"(?:pre_classifier|classifier|qa_outputs)\..+",
         positions=Positions.ABSOLUTE,
@@ -420,7 +466,7 @@ ARCHITECTURES: Mapping[str, ArchitectureSpec] = {
         name="ModernBERT",
         stacks=(Stack("", "layers", _PREFIX + r"layers\.(\d+)\.(.+)",
                       {"head": NodeSite(Kind.HEADS, "attn.Wo"), "ffn": NodeSite(Kind.NEURONS, "mlp.Wo")},
-                      _MODERNBERT_TENSORS),),
+                      _MODERNBERT_TENSORS, grams=_grams(("attn.Wqkv",), "attn.Wo", ("mlp.Wi",), "mlp.Wo")),),
         embedding_pattern=_PREFIX + r"embeddings\..+",
         task_head_pattern=r"(?:head|classifier|qa_outputs)\..+",
         causal=False,
@@ -443,18 +489,23 @@ ARCHITECTURES: Mapping[str, ArchitectureSpec] = {
         ),
     ),
     "starcoder2": _llama_like(
-        "StarCoder2", _STARCODER2_TENSORS, {"head": _LLAMA_SITES["head"], "ffn": NodeSite(Kind.NEURONS, "mlp.c_proj")}
+        "StarCoder2", _STARCODER2_TENSORS, {"head": _LLAMA_SITES["head"], "ffn": NodeSite(Kind.NEURONS, "mlp.c_proj")},
+        _grams(_LLAMA_QKV, "self_attn.o_proj", ("mlp.c_fc",), "mlp.c_proj"),
     ),
-    "phi3": _llama_like("Phi-3", _PHI3_TENSORS),
+    "phi3": _llama_like("Phi-3", _PHI3_TENSORS, grams=_grams(("self_attn.qkv_proj",), "self_attn.o_proj",
+                                                               ("mlp.gate_up_proj",), "mlp.down_proj")),
     "phi": _llama_like(
         "Phi", _PHI_TENSORS, {"head": NodeSite(Kind.HEADS, "self_attn.dense"), "ffn": NodeSite(Kind.NEURONS, "mlp.fc2")},
+        _grams(_LLAMA_QKV + ("mlp.fc1",), "self_attn.dense", (), "mlp.fc2"),  # parallel block: fc1 reads the same input
         checks=(("qk_layernorm", True, "per-head q/k norms are not supported for Phi yet."),),
     ),
     "gpt_neox": ArchitectureSpec(
         name="GPT-NeoX",
         stacks=(Stack("", "layers", _PREFIX + r"layers\.(\d+)\.(.+)",
                       {"head": NodeSite(Kind.HEADS, "attention.dense"),
-                       "ffn": NodeSite(Kind.NEURONS, "mlp.dense_4h_to_h")}, _GPT_NEOX_TENSORS),),
+                       "ffn": NodeSite(Kind.NEURONS, "mlp.dense_4h_to_h")}, _GPT_NEOX_TENSORS,
+                      grams=_grams(("attention.query_key_value",), "attention.dense", ("mlp.dense_h_to_4h",),
+                                   "mlp.dense_4h_to_h")),),
         embedding_pattern=_PREFIX + r"embed_in\.weight",
         task_head_pattern=_DECODER_HEADS,
         checks=(_NO_QA,),  # causal LMs merge through the plugin's corrected mergekit definition
@@ -463,7 +514,8 @@ ARCHITECTURES: Mapping[str, ArchitectureSpec] = {
         name="GPT-2",
         stacks=(Stack("", "h", _PREFIX + r"h\.(\d+)\.(.+)",
                       {"head": NodeSite(Kind.HEADS, "attn.c_proj", input_axis=0),
-                       "ffn": NodeSite(Kind.NEURONS, "mlp.c_proj", input_axis=0)}, _GPT2_TENSORS),),
+                       "ffn": NodeSite(Kind.NEURONS, "mlp.c_proj", input_axis=0)}, _GPT2_TENSORS,
+                      grams=_grams(("attn.c_attn",), "attn.c_proj", ("mlp.c_fc",), "mlp.c_proj", axis=0)),),
         embedding_pattern=_PREFIX + r"(?:wte|wpe)\.weight",
         task_head_pattern=_DECODER_HEADS,
         positions=Positions.ABSOLUTE,
@@ -477,6 +529,8 @@ ARCHITECTURES: Mapping[str, ArchitectureSpec] = {
         "Qwen2-MoE", _QWEN2_MOE_TENSORS,
         ConfigKeys(ffn="shared_expert_intermediate_size", experts="num_experts", expert_ffn="moe_intermediate_size"),
         {**_MOE_SITES, "ffn": NodeSite(Kind.NEURONS, "mlp.shared_expert.down_proj")},
+        _grams(_LLAMA_QKV, "self_attn.o_proj", ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj"),
+               "mlp.shared_expert.down_proj"),
     ),
     "t5": ArchitectureSpec(
         name="T5",

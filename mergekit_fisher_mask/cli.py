@@ -47,20 +47,25 @@ def main(ctx: click.Context) -> None:
 @click.option("--data", required=True, help="Local .jsonl/.json/.csv/.parquet/.txt file, or a datasets name[:config][@split].")
 @click.option("--out", required=True, type=UserPath(), help="Output .safetensors file (a folder with --full).")
 @click.option("--full", is_flag=True, help="Full diagonal Fisher of every parameter (for merge method `fisher`).")
+@click.option("--gram", is_flag=True, help="RegMean's Gram matrices of every linear layer input (for merge method "
+              "`regmean`); --out is a folder.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it already holds a Fisher of this tool.")
 @calibration_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def calibrate(model, data, out, full, overwrite, settings: CalibrationSettings, quiet) -> None:
-    """Measure the Fisher information of MODEL's mask nodes (a local folder or a Hub id) on DATA."""
+def calibrate(model, data, out, full, gram, overwrite, settings: CalibrationSettings, quiet) -> None:
+    """Measure the Fisher information of MODEL's mask nodes (a local folder or a Hub id) on DATA; with --full, of
+    every parameter; with --gram, RegMean's Gram matrices."""
     from accelerate import PartialState
 
     from .calibration.api import measure_statistic
-    from .files import FullFisher, MaskFisher
+    from .files import FullFisher, GramStats, MaskFisher
 
-    record = FullFisher if full else MaskFisher
+    if full and gram:
+        raise FisherMaskError("--full and --gram measure different statistics; give one of them (a run each).")
+    record = FullFisher if full else GramStats if gram else MaskFisher
     result = measure_statistic(record, model, data, out, settings, overwrite=overwrite, progress=not quiet)
     if PartialState().is_main_process:
-        contents = (f"{len(result.tensors)} tensors" if full else
+        contents = (f"{len(result.tensors)} tensors" if full else f"{len(result.inputs)} Gram matrices" if gram else
                     ", ".join(f"{key} {tuple(value.shape)}" for key, value in result.groups.items()))
         click.echo(f"Wrote {out}: {record.DESCRIPTION.removeprefix('a ')} of {result.samples} samples, estimator "
                    f"{result.estimator}, loss {result.loss}, dtype {result.dtype}, {contents}", err=True)
@@ -84,10 +89,10 @@ def calibrate(model, data, out, full, overwrite, settings: CalibrationSettings, 
 @add_merge_options
 def merge(merge_options: MergeOptions, config_file, out_path, overwrite, task_heads, verify_fingerprint, fisher_cache,
           push_to_hub, private) -> None:
-    """Run the mergekit YAML recipe CONFIG_FILE (any merge method, including fisher_mask and fisher) and write the
-    merged model to the folder OUT_PATH.
+    """Run the mergekit YAML recipe CONFIG_FILE (any merge method, including fisher_mask, fisher and regmean) and
+    write the merged model to the folder OUT_PATH.
 
-    Model paths in the recipe are relative to the current folder (as for mergekit-yaml); `fisher` and
+    Model paths in the recipe are relative to the current folder (as for mergekit-yaml); `fisher`, `gram` and
     `calibration_data` paths are relative to the recipe's folder, or else to the current folder. OUT_PATH may not
     be the current folder (or a folder above it)."""
     from .hub import push_folder, require_token
@@ -116,7 +121,8 @@ def merge(merge_options: MergeOptions, config_file, out_path, overwrite, task_he
 @click.option("--normalize", type=click.Choice([n.value for n in Normalize]), default="layer", show_default=True,
               help="Normalization used for the merge-weight panel of --plot (as in the merge).")
 def inspect(files, plot, overwrite, top_k, normalize) -> None:
-    """Summarize Fisher FILES (mask-Fisher files or full-Fisher folders) and optionally plot them side by side."""
+    """Summarize statistic FILES (mask-Fisher files, full-Fisher or Gram folders) and optionally plot mask-Fisher
+    files side by side."""
     from .inspection import describe, plot_to_file
 
     if plot is not None and plot.suffix.lower() != ".png":

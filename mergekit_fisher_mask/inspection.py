@@ -9,7 +9,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 
 from .errors import FisherMaskError
-from .files import FullFisher, MaskFisher
+from .files import GRAM_INDEX, FullFisher, GramStats, MaskFisher
 from .files.base import top_share
 from .merge.expand import Normalize, normalized
 from .outputs import PNG_IMAGE, claim_output, save_figure, staged_file
@@ -92,6 +92,30 @@ def format_full_summary(path: str) -> str:
         f"  {'tensor':<60} {'numel':>10} {'mean':>11} {'max':>11} {'share':>7}",
     ]
     lines += [f"  {n:<60} {k:>10} {m:>11.4e} {x:>11.4e} {s / total:>7.2%}" for n, k, m, x, s in rows]
+    return "\n".join(lines)
+
+
+def gram_summary(fisher: GramStats, name: str) -> Tuple[int, float, float]:
+    """(width, trace, effective rank) of one input's per-token mean Gram; the effective rank ``tr(G)^2 / ||G||_F^2``
+    is the number of equally strong directions that would give the same spread (1: one direction, d: isotropic)."""
+    gram = fisher.mean(name, where=name).double()
+    trace = float(gram.diagonal().sum())
+    return gram.shape[0], trace, trace**2 / max(float((gram**2).sum()), 1e-300)
+
+
+def format_gram_summary(path: str) -> str:
+    """Per-input summary of a Gram folder, read one matrix at a time."""
+    fisher = GramStats.read(path)
+    lines = [
+        f"{path}",
+        f"  model {fisher.model or '?'} ({fisher.shape.model_type}), {fisher.samples} samples, "
+        f"{len(fisher.inputs)} Gram matrices ({fisher.gram_dtype})",
+        "",
+        f"  {'input':<60} {'width':>6} {'tokens':>8} {'trace':>11} {'eff. rank':>9}",
+    ]
+    for name, entry in fisher.inputs.items():
+        width, trace, rank = gram_summary(fisher, name)
+        lines.append(f"  {name:<60} {width:>6} {entry.tokens:>8} {trace:>11.4e} {rank:>9.1f}")
     return "\n".join(lines)
 
 
@@ -179,12 +203,13 @@ def neuron_quantiles_share(share: torch.Tensor) -> torch.Tensor:
 
 
 def describe(paths: Sequence[str], top_k: int = 10) -> Dict[str, str]:
-    """Text report for each file: mask-Fisher files and full-Fisher folders are both accepted."""
+    """Text report for each file: mask-Fisher files, full-Fisher folders and Gram folders are all accepted."""
     reports = {}
     for path in paths:
-        reports[path] = format_full_summary(path) if Path(path).is_dir() else format_mask_summary(
-            path, MaskFisher.read(path), top_k
-        )
+        if Path(path).is_dir():
+            reports[path] = format_gram_summary(path) if (Path(path) / GRAM_INDEX).is_file() else format_full_summary(path)
+        else:
+            reports[path] = format_mask_summary(path, MaskFisher.read(path), top_k)
     return reports
 
 
@@ -195,7 +220,7 @@ def plot_to_file(
     ``overwrite``), and return the function that draws the mask-Fisher files among ``paths`` into it."""
     masks = [Path(p) for p in paths if not Path(p).is_dir()]
     if not masks:
-        raise FisherMaskError("--plot draws mask-Fisher files; full-Fisher folders have no node layout to draw.")
+        raise FisherMaskError("--plot draws mask-Fisher files; full-Fisher and Gram folders have no node layout to draw.")
     claim = claim_output(out, PNG_IMAGE, overwrite=overwrite, inputs={f"the input {p} at": Path(p) for p in paths},
                          name="plot")
 

@@ -115,6 +115,14 @@ class LoadDtype(str, enum.Enum):
         return name if name in {d.value for d in LoadDtype} else "float32"
 
 
+class GramDtype(str, enum.Enum):
+    """How RegMean's Gram matrices are stored (they are summed in float32 whatever this is)."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+
+
+GRAM_INPUTS = ("attn_in", "attn_out", "ffn_in", "ffn_out")
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 Positive = Annotated[StrictInt, Field(gt=0)]
@@ -180,6 +188,24 @@ class CalibrationSettings(BaseModel):
     offload_folder: Optional[str] = Field(
         None, description="With --device-map: folder for weights offloaded to disk.", json_schema_extra=_PLACEMENT
     )
+    gram_inputs: Optional[Tuple[str, ...]] = Field(
+        None,
+        description="RegMean (--gram) only: the inputs that get a Gram matrix, among attn_in, attn_out, ffn_in, "
+        "ffn_out (give once per input) [default: every input the family has].",
+    )
+    gram_dtype: GramDtype = Field(
+        GramDtype.FLOAT32, description="RegMean (--gram) only: storage dtype of the Gram matrices (summed in float32)."
+    )
+
+    @field_validator("gram_inputs", mode="before")
+    @classmethod
+    def _known_gram_inputs(cls, value):
+        if isinstance(value, str):
+            value = tuple(part.strip() for part in value.split(",") if part.strip())
+        unknown = [site for site in value or () if site not in GRAM_INPUTS]
+        if unknown:
+            raise ValueError(f"unknown input(s) {', '.join(unknown)}; choose among {', '.join(GRAM_INPUTS)}")
+        return tuple(dict.fromkeys(value)) if value is not None else None
 
     @field_validator("text_columns", mode="before")
     @classmethod
@@ -315,6 +341,13 @@ def _click_type(annotation) -> Any:
     return int if annotation is int else str  # mappings and column tuples arrive as text
 
 
+def _is_tuple(annotation) -> bool:
+    """Whether a settings field holds several values (given once each on the command line)."""
+    while get_origin(annotation) in (Annotated, Union):
+        annotation = next(arg for arg in get_args(annotation) if arg is not type(None))
+    return get_origin(annotation) is tuple
+
+
 def calibration_options(function: Callable) -> Callable:
     """Add one ``--option`` per :class:`CalibrationSettings` field to a click command, with its default and help.
 
@@ -333,7 +366,7 @@ def calibration_options(function: Callable) -> Callable:
         extra = field.json_schema_extra or {}
         flag = extra.get("cli", "--" + name.replace("_", "-"))
         default = field.default.value if isinstance(field.default, enum.Enum) else field.default
-        multiple = name == "text_columns"
+        multiple = _is_tuple(field.annotation)
         wrapper = click.option(
             flag,
             name,

@@ -97,6 +97,7 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     for variant in gpu_check.VARIANTS:
         entry = report["passes"]["tiny"][variant]
         assert entry["forward"]["seconds"] > 0 and entry["mask"]["seconds"] > 0 and entry["micro_batch"] >= 1
+        assert entry["gram"]["seconds"] > 0
     offload = report["offload"]
     assert offload["device map"]["checkpointing"] and offload["head_fisher_max_rel_diff"] < 1e-5
     assert report["merge"]["linear_seconds"] > 0 and report["merge"]["fisher_mask_seconds"] > 0

@@ -15,6 +15,7 @@ What it measures, for each shape (one warm-up, then the median of ``--repeats`` 
 
 * ``forward``: the model's own forward pass (logits included) under ``inference_mode``;
 * ``mask``: the mask pass (empirical estimator) with the automatic micro-batch size, and the size it chose;
+* ``gram``: RegMean's Gram pass (forward only, every linear input);
 * peak accelerator memory of each;
 * with ``--offload``: the same with a device map whose GPU budget is smaller than the model (CPU offload), and its
   head Fisher against the in-memory one;
@@ -130,7 +131,7 @@ def random_batches(vocab: int, batch: int, length: int, count: int, device: torc
 
 def passes(model, batches, autocast: str, device: Device, repeats: int) -> dict:
     """Forward and mask pass of one loaded model (the mask pass's own micro-batch choice is reported)."""
-    from mergekit_fisher_mask import CalibrationSettings, compute_mask_fisher
+    from mergekit_fisher_mask import CalibrationSettings, compute_gram, compute_mask_fisher
     from mergekit_fisher_mask.calibration import PassContext, micro_batch_sizer
 
     settings = CalibrationSettings(mixed_precision=autocast, batch_size=batches[0]["input_ids"].shape[0])
@@ -144,9 +145,14 @@ def passes(model, batches, autocast: str, device: Device, repeats: int) -> dict:
     def mask():
         return compute_mask_fisher(model, batches, settings, progress=False)
 
+    def gram():
+        return compute_gram(model, batches, settings, progress=False)
+
     report = {"forward": timed(device, forward, repeats), "mask": timed(device, mask, repeats),
+              "gram": timed(device, gram, repeats),
               "micro_batch": micro_batch_sizer(model, context)(batches[0]["input_ids"].shape[1])}
     report["mask_x_forward"] = report["mask"]["seconds"] / report["forward"]["seconds"]
+    report["gram_x_forward"] = report["gram"]["seconds"] / report["forward"]["seconds"]
     report["head_fisher"] = mask()[0]["head_fisher"]
     return report
 
@@ -248,18 +254,19 @@ def merge_check(work: Path, device: Device, args) -> dict:
 
 
 def table(report: dict) -> str:
-    lines = ["| model | weights | forward s | mask s | mask / forward | micro-batch | peak MB forward / mask |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| model | weights | forward s | mask s | mask / forward | Gram s | Gram / forward | micro-batch | "
+             "peak MB forward / mask / Gram |", "|---|---|---|---|---|---|---|---|---|"]
 
     def row(model: str, variant: str, entry: dict) -> str:
         peaks = " / ".join(f"{entry[p]['peak_mb']:.0f}" if entry[p]["peak_mb"] is not None else "-"
-                           for p in ("forward", "mask"))
+                           for p in ("forward", "mask", "gram"))
         return (f"| {model} | {variant} | {entry['forward']['seconds']:.3f} | {entry['mask']['seconds']:.3f} | "
-                f"{entry['mask_x_forward']:.2f}x | {entry['micro_batch']} | {peaks} |")
+                f"{entry['mask_x_forward']:.2f}x | {entry['gram']['seconds']:.3f} | {entry['gram_x_forward']:.2f}x | "
+                f"{entry['micro_batch']} | {peaks} |")
 
     for model, variants in report["passes"].items():
         for variant, entry in variants.items():
-            lines.append(row(model, variant, entry) if "forward" in entry else f"| {model} | {variant} | {entry} |||||")
+            lines.append(row(model, variant, entry) if "forward" in entry else f"| {model} | {variant} | {entry} |||||||")
     offload = report.get("offload", {})
     for name in ("in memory", "device map"):
         if name in offload:

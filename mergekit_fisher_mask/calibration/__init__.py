@@ -1,8 +1,9 @@
-"""Calibration: measure a statistic of a model on data (the mask Fisher of its nodes, or the full Fisher).
+"""Calibration: measure a statistic of a model on data (the mask Fisher of its nodes, the full Fisher, or RegMean's
+Gram matrices).
 
 Layout: :mod:`.data` (examples and tokenization), :mod:`.losses` (per-example losses), :mod:`.masks` (the mask
 hooks), :mod:`.placement` (dtype, device maps, offload, checkpointing), :mod:`.engine` (what every pass shares),
-:mod:`.mask_pass` and :mod:`.full_pass` (the passes), :mod:`.api` (plan, load, measure, write).
+:mod:`.mask_pass`, :mod:`.full_pass` and :mod:`.gram_pass` (the passes), :mod:`.api` (plan, load, measure, write).
 
 This package depends on the shared modules of ``mergekit_fisher_mask`` only; merging never imports it. It was
 called ``calibrate`` before 0.3; ``mergekit_fisher_mask.calibrate.*`` still imports these modules.
@@ -14,6 +15,7 @@ from .api import (
     CalibrationPlan,
     calibrate,
     calibrate_full,
+    calibrate_gram,
     effective_max_length,
     load_calibration,
     make_accelerator,
@@ -23,6 +25,7 @@ from .api import (
 )
 from .engine import CalibrationPass, PassContext, PreparedCalibration, autocast_context, frozen
 from .full_pass import compute_full_fisher
+from .gram_pass import GramInputs, compute_gram
 from .losses import model_inputs
 from .mask_pass import auto_micro_batch_size, compute_mask_fisher, micro_batch_sizer
 from .placement import Placement
@@ -31,6 +34,7 @@ __all__ = [
     "PASSES",
     "CalibrationPass",
     "CalibrationPlan",
+    "GramInputs",
     "PassContext",
     "Placement",
     "PreparedCalibration",
@@ -38,8 +42,10 @@ __all__ = [
     "autocast_context",
     "calibrate",
     "calibrate_full",
+    "calibrate_gram",
     "check_estimator",
     "compute_full_fisher",
+    "compute_gram",
     "compute_mask_fisher",
     "effective_max_length",
     "frozen",

@@ -5,10 +5,11 @@ The steps, each usable on its own:
 1. :func:`plan_calibration` checks the settings against the model's task, selects and tokenizes the data and loads
    the tokenizer, all before any weight is read (a merge plans every calibration it needs before running any);
 2. :func:`load_calibration` loads the model as the settings place it and shards the data over processes;
-3. a :class:`~.engine.CalibrationPass` measures (:data:`PASSES`: mask Fisher, full Fisher), and its record type
-   writes the file.
+3. a :class:`~.engine.CalibrationPass` measures (:data:`PASSES`: mask Fisher, full Fisher, RegMean's Grams), and
+   its record type writes the file.
 
-:func:`calibrate` and :func:`calibrate_full` run all three for one statistic each, through one body.
+:func:`calibrate`, :func:`calibrate_full` and :func:`calibrate_gram` run all three for one statistic each, through
+one body (:func:`measure_statistic`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Any, Dict, Mapping, Optional, Union
 from ..architectures import ArchitectureSpec, NodeShape, get_architecture
 from ..checkpoints import has_tokenizer, load_config, model_fingerprint, resolve_model_dir
 from ..errors import ModelLoadError, SettingsError, option
-from ..files import FullFisher, MaskFisher, Measured
+from ..files import FullFisher, GramStats, MaskFisher, Measured
 from ..outputs import claim_output, private_folder
 from ..paths import PathLike, user_path
 from ..settings import CalibrationSettings, check_estimator, make_settings
@@ -31,6 +32,7 @@ from ..tasks import Task, task_of
 from .data import CalibrationDataset, encode_labels, prepare_tokenizer, select_examples
 from .engine import CalibrationPass, PreparedCalibration
 from .full_pass import PASS as FULL_PASS
+from .gram_pass import PASS as GRAM_PASS
 from .mask_pass import PASS as MASK_PASS
 from .placement import accelerator_type, load_model
 
@@ -40,7 +42,7 @@ SettingsLike = Union[CalibrationSettings, Mapping[str, Any], None]
 # Tasks whose data carries labels (language models predict their own text; QA data always holds answers).
 _LABELLED = (Task.CLASSIFICATION, Task.REGRESSION, Task.TOKEN_CLASSIFICATION)
 # The statistic each file format holds, and the pass that measures it.
-PASSES: Dict[type, CalibrationPass] = {MaskFisher: MASK_PASS, FullFisher: FULL_PASS}
+PASSES: Dict[type, CalibrationPass] = {MaskFisher: MASK_PASS, FullFisher: FULL_PASS, GramStats: GRAM_PASS}
 
 
 def make_accelerator():
@@ -301,4 +303,20 @@ def calibrate_full(
     """Measure the full diagonal Fisher of every parameter and write it as a sharded folder ``out``; the settings'
     ``chunk_size`` examples' gradients are held at once. The rules for ``out`` are :func:`measure_statistic`'s."""
     return measure_statistic(FullFisher, model, data, out, settings, overwrite=overwrite, accelerator=accelerator,
+                             progress=progress)
+
+
+def calibrate_gram(
+    model: PathLike,
+    data: str,
+    out: PathLike,
+    settings: SettingsLike = None,
+    *,
+    overwrite: bool = False,
+    accelerator=None,
+    progress: bool = True,
+) -> GramStats:
+    """Measure RegMean's Gram matrix of every linear layer input (the settings' ``gram_inputs``) on ``data``'s real
+    tokens and write them as a sharded folder ``out``. The rules for ``out`` are :func:`measure_statistic`'s."""
+    return measure_statistic(GramStats, model, data, out, settings, overwrite=overwrite, accelerator=accelerator,
                              progress=progress)

@@ -29,11 +29,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, Optional
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Dict, Iterator, Optional
+
+import torch
+from safetensors import safe_open
 
 from ..architectures import NodeShape
 from ..errors import FisherFileError, UnsupportedArchitectureError
+from ..outputs import publish, save_tensors, staged_folder, write_json
 
 SHAPE_KEYS = (
     "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_size", "hidden_size", "num_experts",
@@ -161,3 +167,72 @@ def top_share(values, fraction: float = 0.1) -> float:
         return 0.0
     count = max(1, int(round(fraction * flat.numel())))
     return float(flat.topk(count).values.sum() / total)
+
+
+class ShardedTensors(Mapping):
+    """The tensors of a sharded statistic folder, read one at a time on access (a whole folder is never loaded).
+
+    The folder holds ``index_name`` (JSON with ``metadata`` and ``weight_map``: tensor name -> shard file) and the
+    shards. ``check(name, tensor, file)`` validates each tensor as it is read.
+    """
+
+    def __init__(self, path, index_name: str, description: str, check: Callable[[str, torch.Tensor, Path], None]):
+        folder = Path(path)
+        index_path = folder / index_name if folder.is_dir() else folder
+        if not index_path.is_file():
+            raise FisherFileError(f"{path}: no {index_name} found; {description} is a folder written by mergekit-fisher.")
+        try:
+            index = json.loads(index_path.read_text())
+            self.metadata: Dict[str, str] = index["metadata"]
+            self.weight_map: Dict[str, str] = index["weight_map"]
+            if not isinstance(self.metadata, dict) or not isinstance(self.weight_map, dict):
+                raise TypeError("metadata and weight_map must be mappings")
+        except (ValueError, KeyError, TypeError) as error:
+            raise FisherFileError(f"{index_path} is not a valid index of {description} ({error!r}).") from error
+        self.folder, self.index_path, self._check = index_path.parent, index_path, check
+
+    def __contains__(self, name) -> bool:
+        return name in self.weight_map
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.weight_map)
+
+    def __len__(self) -> int:
+        return len(self.weight_map)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise KeyError(name)
+        file = self.folder / self.weight_map[name]
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                tensor = handle.get_tensor(name)
+        except Exception as error:  # missing, truncated or corrupt shard: safetensors raises several types
+            raise FisherFileError(f"{file}: cannot read tensor {name} ({error}). Is the file truncated?") from error
+        self._check(name, tensor, file)
+        return tensor
+
+
+def listed_by_index(folder, index_name: str, format_name: str) -> Optional[set]:
+    """The files a statistic folder's index vouches for (itself and its shards), or None if it is not ours."""
+    try:
+        index = json.loads((Path(folder) / index_name).read_text())
+        if index["metadata"]["format"] != format_name or not isinstance(index["weight_map"], dict):
+            return None
+        return {index_name, *index["weight_map"].values()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def save_sharded(path, shards: Dict[str, Dict[str, torch.Tensor]], index_name: str, metadata: Dict[str, str],
+                 claim, *, shard_format: str) -> Path:
+    """Write ``{shard file: {name: tensor}}`` and an index with ``metadata`` as one atomic folder at ``path``."""
+    weight_map = {}
+    with staged_folder(path) as staging:
+        for file, tensors in shards.items():
+            if tensors:
+                save_tensors(tensors, staging / file, {"format": shard_format})
+                weight_map.update({name: file for name in tensors})
+        write_json(staging / index_name, {"metadata": metadata, "weight_map": dict(sorted(weight_map.items()))})
+        publish(staging, path, claim)
+    return Path(path)

@@ -8,37 +8,22 @@ written under a hidden name and renamed into place when complete; tensors are re
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Dict, Iterator, Optional, Union
+from typing import ClassVar, Dict, Optional, Union
 
 import torch
-from safetensors import safe_open
 
 from ..errors import FisherFileError
-from ..outputs import OutputClaim, OutputKind, check_replaceable, publish, save_tensors, staged_folder, write_json
-from .base import SHAPE_KEYS, Measured
+from ..outputs import OutputClaim, OutputKind, check_replaceable
+from .base import SHAPE_KEYS, Measured, ShardedTensors, listed_by_index, save_sharded
 
 FULL_FORMAT = "mergekit-fisher-mask/full"
 INDEX_NAME = "fisher.safetensors.index.json"
 _LAYOUTLESS_VERSION = "1"  # 0.2.0's folders: no node layout in the metadata
-
-
-def _read_index(folder: Path) -> Optional[dict]:
-    try:
-        index = json.loads((Path(folder) / INDEX_NAME).read_text())
-        return index if index["metadata"]["format"] == FULL_FORMAT and isinstance(index["weight_map"], dict) else None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _listed(folder: Path) -> Optional[set]:
-    index = _read_index(folder)
-    return None if index is None else {INDEX_NAME, *index["weight_map"].values()}
 
 
 def is_full_fisher_dir(path: Union[str, Path]) -> bool:
@@ -46,56 +31,27 @@ def is_full_fisher_dir(path: Union[str, Path]) -> bool:
     return FullFisher.OUTPUT.is_ours(Path(path))
 
 
-class FullFisherReader(Mapping):
-    """The tensors of a full-Fisher folder, read one at a time on access (a whole folder is never loaded)."""
+def _check_fisher(name: str, tensor: torch.Tensor, file: Path) -> None:
+    if not torch.isfinite(tensor).all():
+        raise FisherFileError(f"{file}: Fisher tensor {name} contains NaN or inf.")
+    if (tensor < 0).any():
+        raise FisherFileError(f"{file}: Fisher tensor {name} has negative values; a Fisher is a sum of squares.")
+
+
+class FullFisherReader(ShardedTensors):
+    """The tensors of a full-Fisher folder, read one at a time on access, and its validated ``l2_norm``."""
 
     def __init__(self, path: Union[str, os.PathLike]):
-        folder = Path(path)
-        index_path = folder / INDEX_NAME if folder.is_dir() else folder
-        if not index_path.is_file():
-            raise FisherFileError(
-                f"{path}: no {INDEX_NAME} found. A full Fisher is a folder written by `mergekit-fisher calibrate --full`."
-            )
-        try:
-            index = json.loads(index_path.read_text())
-            self.metadata: Dict[str, str] = index["metadata"]
-            self.weight_map: Dict[str, str] = index["weight_map"]
-        except (ValueError, KeyError, TypeError) as error:
-            raise FisherFileError(f"{index_path} is not a valid full-Fisher index ({error!r}).") from error
-        self.folder = index_path.parent
+        super().__init__(path, INDEX_NAME, "a full Fisher (`mergekit-fisher calibrate --full`)", _check_fisher)
         try:
             self.l2_norm = float(self.metadata["l2_norm"])
         except (KeyError, TypeError, ValueError) as error:
-            raise FisherFileError(f"{index_path}: metadata l2_norm is missing or not a number ({error!r}).") from error
+            raise FisherFileError(f"{self.index_path}: metadata l2_norm is missing or not a number ({error!r}).") from error
         if not math.isfinite(self.l2_norm) or self.l2_norm <= 0:
             raise FisherFileError(
-                f"{index_path}: metadata l2_norm is {self.l2_norm}; a Fisher with data in it has a finite, positive "
+                f"{self.index_path}: metadata l2_norm is {self.l2_norm}; a Fisher with data in it has a finite, positive "
                 "norm. Re-run `mergekit-fisher calibrate --full`."
             )
-
-    def __contains__(self, name) -> bool:
-        return name in self.weight_map
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.weight_map)
-
-    def __len__(self) -> int:
-        return len(self.weight_map)
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        if name not in self.weight_map:
-            raise KeyError(name)
-        file = self.folder / self.weight_map[name]
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                tensor = handle.get_tensor(name)
-        except Exception as error:  # missing or corrupt shard: safetensors raises several types
-            raise FisherFileError(f"{file}: cannot read Fisher tensor {name} ({error}).") from error
-        if not torch.isfinite(tensor).all():
-            raise FisherFileError(f"{file}: Fisher tensor {name} contains NaN or inf.")
-        if (tensor < 0).any():
-            raise FisherFileError(f"{file}: Fisher tensor {name} has negative values; a Fisher is a sum of squares.")
-        return tensor
 
     def get(self, name: str, default=None) -> torch.Tensor:  # type: ignore[override]
         return self[name] if name in self.weight_map else default
@@ -109,7 +65,9 @@ class FullFisher(Measured):
     FORMAT: ClassVar[str] = FULL_FORMAT
     FORMAT_VERSION: ClassVar[int] = 2
     DESCRIPTION: ClassVar[str] = "a full-Fisher folder"
-    OUTPUT: ClassVar[OutputKind] = OutputKind("a full Fisher", folder=True, listed=_listed)
+    OUTPUT: ClassVar[OutputKind] = OutputKind(
+        "a full Fisher", folder=True, listed=lambda path: listed_by_index(path, INDEX_NAME, FULL_FORMAT)
+    )
 
     tensors: Mapping = field(default_factory=dict)
     shard_of: Dict[str, str] = field(default_factory=dict)
@@ -129,27 +87,18 @@ class FullFisher(Measured):
 
         As for :meth:`MaskFisher.save`: without a claim only a full-Fisher folder of this tool is replaced."""
         claim = claim or check_replaceable(path, self.OUTPUT, overwrite=True)
-        meta = self.metadata()
         shards = sorted(set(self.shard_of.values())) or ["model"]
         rename = {shard: f"fisher-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i, shard in enumerate(shards)}
         groups: Dict[str, Dict[str, torch.Tensor]] = {name: {} for name in rename.values()}
         for name, tensor in self.tensors.items():
             groups[rename[self.shard_of.get(name, shards[-1])]][name] = tensor
-        weight_map = {}
-        with staged_folder(path) as staging:
-            for file, tensors in groups.items():
-                if tensors:
-                    save_tensors(tensors, staging / file, {"format": FULL_FORMAT})
-                    weight_map.update({name: file for name in tensors})
-            write_json(staging / INDEX_NAME, {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))})
-            publish(staging, path, claim)
-        return Path(path)
+        return save_sharded(path, groups, INDEX_NAME, self.metadata(), claim, shard_format=FULL_FORMAT)
 
     @classmethod
     def read(cls, path: Union[str, os.PathLike]) -> "FullFisher":
         """Open a full-Fisher folder: its metadata is validated now, each tensor when it is read."""
         reader = FullFisherReader(path)
-        meta, where = reader.metadata, f"{reader.folder / INDEX_NAME}"
+        meta, where = reader.metadata, str(reader.index_path)
         if meta.get("format") == FULL_FORMAT and meta.get("format_version") == _LAYOUTLESS_VERSION:
             layoutless = {**meta, "format_version": str(cls.FORMAT_VERSION), "model_type": "", **dict.fromkeys(SHAPE_KEYS, "0")}
             provenance = {**cls.provenance_from(layoutless, where), "shape": None}

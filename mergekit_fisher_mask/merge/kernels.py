@@ -33,7 +33,7 @@ class Uncovered(str, enum.Enum):
     MEAN_FISHER = "mean_fisher"  # weighted by the mean Fisher of the layer's block (the universal weight outside)
 
 
-def _stamp(path: str) -> Tuple[int, int]:
+def file_stamp(path: str) -> Tuple[int, int]:
     """Cache key part that changes when a file is rewritten, so a re-calibrated file is never served stale."""
     stat = os.stat(path) if os.path.isfile(path) else None
     return (stat.st_mtime_ns, stat.st_size) if stat else (0, 0)
@@ -51,7 +51,7 @@ def node_weights(
     path: str, normalize: Normalize, power: float = 1.0, epsilon: float = 0.0
 ) -> Tuple[NodeWeights, ArchitectureSpec]:
     """Load (once per file version and setting) a mask-Fisher file's node weights and its architecture."""
-    nodes, model_type = _cached_node_weights(os.path.abspath(path), _stamp(path), Normalize(normalize), float(power),
+    nodes, model_type = _cached_node_weights(os.path.abspath(path), file_stamp(path), Normalize(normalize), float(power),
                                              float(epsilon))
     return nodes, get_architecture(model_type, where=path)
 
@@ -179,7 +179,7 @@ def _cached_full(path: str, stamp: Tuple[int, int]) -> FullFisher:
 def full_fisher(path: str) -> FullFisher:
     """Open (once per file version) a full-Fisher folder; its tensors are read on demand."""
     index = os.path.join(path, INDEX_NAME) if os.path.isdir(path) else path
-    return _cached_full(os.path.abspath(path), _stamp(index))
+    return _cached_full(os.path.abspath(path), file_stamp(index))
 
 
 def fisher_merge(

@@ -9,9 +9,10 @@ from typing import Dict
 
 from mergekit import merge_methods
 
-from ..files import FullFisher, MaskFisher
+from ..files import FullFisher, GramStats, MaskFisher
 from .kernels import FISHER, FISHER_MASK
 from .mergekit_definitions import register_corrections
+from .regmean import REGMEAN
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,11 @@ PLUGIN_METHODS: Dict[str, PluginMethod] = {
         PluginMethod(
             FISHER, FullFisher, "fisher",
             "every parameter is weighted by its own diagonal Fisher information (Matena & Raffel).",
+        ),
+        PluginMethod(
+            REGMEAN, GramStats, "gram",
+            "each linear layer is the least-squares fit to every model's outputs on its own data, from the Gram "
+            "matrices of the layer's inputs (Jin et al., ICLR 2023).",
         ),
     )
 }
