@@ -244,3 +244,21 @@ def test_cli_calibrate_full_writes_a_readable_folder(model_zoo, text_data, tmp_p
     reader = FullFisherReader(str(out))
     assert reader.metadata["samples"] == "5" and reader.metadata["model_type"] == "gpt2"
     assert "transformer.h.0.attn.c_attn.weight" in reader and reader.l2_norm > 0
+
+
+@pytest.mark.parametrize("normalize, floor", [(False, 1e-6), (True, 1e-6), (False, 0.0)])
+def test_a_common_scale_of_every_full_fisher_changes_no_merge(tmp_path, normalize, floor):
+    from conftest import build_model
+
+    models = [build_model("gpt2", seed=s) for s in range(2)]
+    fishers = make_full_fishers(tmp_path, models)
+    scaled = []
+    for k, (model, (_, fisher)) in enumerate(zip(models, fishers)):
+        scaled.append(str(save_full(model, {n: v * 1e-6 for n, v in fisher.items()}, tmp_path / f"m{k}",
+                                    tmp_path / f"scaled{k}")))
+    states = [m.state_dict() for m in models]
+    parameters = {"fisher_floor": floor, "normalize": normalize}
+    plain = merge_state_dicts(states, FISHER, parameters={"fisher": [p for p, _ in fishers], **parameters})
+    small = merge_state_dicts(states, FISHER, parameters={"fisher": scaled, **parameters})
+    for name, value in plain.items():
+        torch.testing.assert_close(small[name], value, rtol=1e-5, atol=1e-7, msg=name)

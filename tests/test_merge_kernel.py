@@ -228,3 +228,70 @@ def test_importing_twice_registers_once():
     importlib.reload(mergekit_fisher_mask)
     mergekit_fisher_mask.register()
     assert [m.spec.name for m in merge_methods.registered_methods()].count("fisher_mask") == 1
+
+
+def test_paper_scheme_follows_the_authors_rules_on_a_hand_computed_example(tmp_path):
+    """The authors' mapping (thennal10/fisher-nodes-merging, FisherNodeWrapper.apply) written out by hand for one
+    BERT layer with 2 heads and 3 neurons: Q/K rows by head; V, attention output and its LayerNorm by the layer's mean
+    head Fisher; intermediate rows by neuron (a neuron zero in both models: equal weights); FFN output and its
+    LayerNorm by the mean neuron Fisher; embeddings and pooler by mean(H) + mean(N). No floor."""
+    import transformers
+
+    config = transformers.BertConfig(vocab_size=16, hidden_size=4, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=3, max_position_embeddings=8, num_labels=2)
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(transformers.BertForSequenceClassification(config).eval())
+        models[-1].config.architectures = ["BertForSequenceClassification"]
+    shape = NodeShape.from_config(models[0].config)
+    fishers = {"a": ([[1.0, 3.0]], [[2.0, 0.0, 4.0]]), "b": ([[3.0, 1.0]], [[2.0, 0.0, 0.0]])}
+    paths = []
+    for key, (head, ffn) in fishers.items():
+        paths.append(str(tmp_path / f"{key}.safetensors"))
+        save_mask_fisher(MaskFisher(groups={"head_fisher": torch.tensor(head), "ffn_fisher": torch.tensor(ffn)},
+                                    shape=shape, samples=1, estimator="batch", loss="cross_entropy"), paths[-1])
+    a, b = (m.state_dict() for m in models)
+    merged = merge_state_dicts([a, b], FISHER_MASK, parameters={"fisher": paths, "scheme": "paper", "normalize": "none"})
+
+    def mix(name, weight_a, weight_b, rows=slice(None)):
+        expected = (weight_a * a[name][rows] + weight_b * b[name][rows]) / (weight_a + weight_b)
+        torch.testing.assert_close(merged[name][rows], expected, msg=f"{name}[{rows}]")
+
+    layer = "bert.encoder.layer.0."
+    for part in ("attention.self.query", "attention.self.key"):
+        for suffix in ("weight", "bias"):
+            mix(layer + f"{part}.{suffix}", 1, 3, slice(0, 2))  # head 0: F_A 1, F_B 3
+            mix(layer + f"{part}.{suffix}", 3, 1, slice(2, 4))  # head 1: F_A 3, F_B 1
+    for name in ("attention.self.value.weight", "attention.self.value.bias", "attention.output.dense.weight",
+                 "attention.output.dense.bias", "attention.output.LayerNorm.weight", "attention.output.LayerNorm.bias"):
+        mix(layer + name, 2, 2)  # the layer's mean head Fisher: 2 and 2
+    for suffix in ("weight", "bias"):
+        mix(layer + f"intermediate.dense.{suffix}", 2, 2, slice(0, 1))
+        mix(layer + f"intermediate.dense.{suffix}", 1, 1, slice(1, 2))  # zero in both models: equal weights
+        mix(layer + f"intermediate.dense.{suffix}", 4, 0, slice(2, 3))
+    for name in ("output.dense.weight", "output.dense.bias", "output.LayerNorm.weight", "output.LayerNorm.bias"):
+        mix(layer + name, 2, 2 / 3)  # the layer's mean neuron Fisher: 2 and 2/3
+    for name in ("bert.embeddings.word_embeddings.weight", "bert.embeddings.LayerNorm.weight", "bert.pooler.dense.weight"):
+        mix(name, 2 + 2, 2 + 2 / 3)  # mean(H) + mean(N)
+
+
+@pytest.mark.parametrize("scheme", ["nodes", "paper"])
+@pytest.mark.parametrize("normalize", ["none", "model", "layer"])
+@pytest.mark.parametrize("options", [{}, {"epsilon": 1e-3}, {"sparsify": "magnitude", "density": 0.5}])
+def test_a_common_scale_of_every_fisher_changes_no_merge(scheme, normalize, options, tmp_path):
+    models = [build_model("llama", seed=s) for s in range(3)]
+    states = [m.state_dict() for m in models]
+    merges = []
+    for scale in (1.0, 1e-7):
+        paths = []
+        for i, model in enumerate(models[1:]):
+            fisher = write_fisher(tmp_path / f"f{i}.safetensors", model, seed=i)
+            scaled = MaskFisher(groups={k: v * scale for k, v in fisher.groups.items()}, shape=fisher.shape, samples=1,
+                                estimator="batch", loss="x")
+            paths.append(str(tmp_path / f"s{scale}-{i}.safetensors"))
+            save_mask_fisher(scaled, paths[-1])
+        merges.append(merge_state_dicts(states, FISHER_MASK, base=0, parameters={
+            "fisher": [None, *paths], "scheme": scheme, "normalize": normalize, **options}))
+    for name, value in merges[0].items():
+        torch.testing.assert_close(merges[1][name], value, rtol=1e-5, atol=1e-7, msg=name)

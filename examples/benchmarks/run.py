@@ -1,10 +1,12 @@
-"""Benchmarks: calibration cost and memory against a forward pass, merge cost against `linear`, and scaling.
+"""Benchmarks: calibration cost and memory against a forward pass (mask Fisher, full Fisher, RegMean's Grams), file
+sizes (measured, and the Gram formula for 1B-70B models), merge cost against `linear`, and scaling.
 
     python examples/benchmarks/run.py [--cache examples/.cache] [--repeats 3]
 
-Needs the models of examples/paper_protocol/run.py (MiniLM classifiers) and examples/llm_domains/run.py
-(SmolLM2 fine-tunes). Every measurement runs in a fresh process, so its peak RSS is its own; times exclude model
-loading and tokenization. Medians and (min-max) spreads go to examples/benchmarks/results/.
+Needs the MiniLM classifiers of examples/merge_grid/run.py (seed 0) and the SmolLM2 asset (examples/assets.py); the
+second SmolLM2 of the merge benchmark is the base with small random changes, made here. Every measurement runs in a
+fresh process, so its peak RSS is its own; times exclude model loading and tokenization. Run it on an otherwise idle
+machine. Medians and (min-max) spreads go to examples/benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -26,14 +28,23 @@ sys.path.insert(0, str(HERE.parent))
 
 import assets  # noqa: E402
 
-MODES = ("forward", "mask", "mask-batch", "full")
+MODES = ("forward", "mask", "mask-batch", "full", "gram")
+# Llama shapes of the Gram size table: (hidden, FFN, layers, heads, KV heads)
+SIZE_TABLE = {"Llama-3.2-1B": (2048, 8192, 16, 32, 8), "Llama-3.1-8B": (4096, 14336, 32, 32, 8),
+              "Llama-3.1-70B": (8192, 28672, 80, 64, 8)}
 
 
 def measure_calibration(model: str, data: str, mode: str, samples: int, batch: int, length: int, chunk: int) -> dict:
     """Runs inside a fresh process: one pass of ``mode``; returns seconds (pass only) and peak RSS."""
     import torch
 
-    from mergekit_fisher_mask import CalibrationSettings, compute_full_fisher, compute_mask_fisher, prepare_calibration
+    from mergekit_fisher_mask import (
+        CalibrationSettings,
+        compute_full_fisher,
+        compute_gram,
+        compute_mask_fisher,
+        prepare_calibration,
+    )
 
     settings = CalibrationSettings(samples=samples, batch_size=batch, max_length=length, chunk_size=chunk)
     run = prepare_calibration(model, data, settings, None, **({"attn_implementation": "eager"} if mode == "full" else {}))
@@ -46,6 +57,8 @@ def measure_calibration(model: str, data: str, mode: str, samples: int, batch: i
     elif mode in ("mask", "mask-batch"):
         compute_mask_fisher(run.model, run.loader, settings, estimator="batch" if mode == "mask-batch" else "empirical",
                             accelerator=run.accelerator, progress=False)
+    elif mode == "gram":
+        compute_gram(run.model, run.loader, settings, accelerator=run.accelerator, progress=False)
     else:
         compute_full_fisher(run.model, run.loader, settings, accelerator=run.accelerator, progress=False)
     seconds = time.perf_counter() - start
@@ -103,37 +116,88 @@ def calibration_table(name, model, data, batch, length, samples, chunk, repeats)
     return results
 
 
-def merge_recipe(path: Path, method: str, models, fishers) -> Path:
+def merge_recipe(path: Path, method: str, models, statistics_files) -> Path:
+    """A recipe merging ``models`` with ``method``; ``statistics_files`` maps each method to the models' files."""
     import yaml
 
+    from mergekit_fisher_mask import PLUGIN_METHODS
+
     entries = []
-    for model, fisher in zip(models, fishers):
+    for index, model in enumerate(models):
         parameters = {"weight": 1.0}
-        if method == "fisher_mask":
-            parameters["fisher"] = str(fisher)
+        if method in PLUGIN_METHODS:
+            parameters[PLUGIN_METHODS[method].parameter] = str(statistics_files[method][index])
         entries.append({"model": str(model), "parameters": parameters})
     path.write_text(yaml.safe_dump({"merge_method": method, "base_model": str(models[0]), "models": entries,
                                     "dtype": "float32"}))
     return path
 
 
-def merge_cost(name, models, fishers, work, repeats, shard="500M") -> dict:
+def merge_cost(name, models, files, work, repeats, shard="500M") -> dict:
     results = {}
-    runs = {"linear": [], "fisher_mask": []}
+    runs = {"linear": [], "fisher_mask": [], "regmean": []}
     for _ in range(repeats):
-        for method in runs:  # alternate, so drift in machine load hits both alike
-            recipe = merge_recipe(work / f"{name}-{method}.yml", method, models, fishers)
+        for method in runs:  # alternate, so drift in machine load hits every method alike
+            recipe = merge_recipe(work / f"{name}-{method}.yml", method, models, files)
             command = ["mergekit-fisher", "merge", str(recipe), str(work / f"out-{name}-{method}"), "--overwrite",
                        "--quiet", "--heads", "base", "--out-shard-size", shard]
             runs[method].append(timed_command(command))
     for method, values in runs.items():
         results[method] = {"seconds": stats([v["seconds"] for v in values]),
                            "peak_rss_mb": stats([v["peak_rss_mb"] for v in values])}
-    results["time_ratio"] = results["fisher_mask"]["seconds"]["median"] / results["linear"]["seconds"]["median"]
-    results["peak_rss_ratio"] = (results["fisher_mask"]["peak_rss_mb"]["median"]
-                                 / results["linear"]["peak_rss_mb"]["median"])
-    print(f"merge {name}: time x{results['time_ratio']:.3f}, peak RSS x{results['peak_rss_ratio']:.3f}", flush=True)
+    for method in ("fisher_mask", "regmean"):
+        results[f"{method}_time_ratio"] = results[method]["seconds"]["median"] / results["linear"]["seconds"]["median"]
+        results[f"{method}_peak_rss_ratio"] = (results[method]["peak_rss_mb"]["median"]
+                                               / results["linear"]["peak_rss_mb"]["median"])
+        print(f"merge {name} {method}: time x{results[f'{method}_time_ratio']:.3f}, peak RSS "
+              f"x{results[f'{method}_peak_rss_ratio']:.3f}", flush=True)
     return results
+
+
+def perturbed(model: Path, out: Path) -> Path:
+    """A copy of ``model`` with small random changes to every weight (a second model to merge; cached)."""
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    copy = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    with torch.no_grad():
+        for parameter in copy.parameters():
+            parameter.add_(torch.randn_like(parameter), alpha=1e-3)
+    copy.save_pretrained(out)
+    AutoTokenizer.from_pretrained(model).save_pretrained(out)
+    return out
+
+
+def predicted_gram_bytes(model: Path) -> int:
+    """The Gram pass's own size estimate (its free-space check), for comparison with the folder written."""
+    from transformers import AutoConfig
+
+    from mergekit_fisher_mask import CalibrationSettings
+    from mergekit_fisher_mask.calibration.gram_pass import PASS
+
+    return PASS.output_bytes(model, AutoConfig.from_pretrained(model), CalibrationSettings())
+
+
+def gram_table_row(hidden: int, ffn: int, layers: int, heads: int, kv_heads: int) -> dict:
+    """Predicted Gram folder sizes of a Llama shape: every input, and without the FFN output (ffn_out), in float32
+    and bfloat16."""
+    from transformers import LlamaConfig
+
+    from mergekit_fisher_mask import CalibrationSettings
+    from mergekit_fisher_mask.calibration.gram_pass import PASS
+
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads)
+    row = {}
+    for label, options in {"all, float32": {}, "all, bfloat16": {"gram_dtype": "bfloat16"},
+                           "no ffn_out, float32": {"gram_inputs": ("attn_in", "attn_out", "ffn_in")},
+                           "no ffn_out, bfloat16": {"gram_inputs": ("attn_in", "attn_out", "ffn_in"),
+                                                    "gram_dtype": "bfloat16"}}.items():
+        row[label] = PASS.output_bytes(None, config, CalibrationSettings(**options))
+    return row
 
 
 def size_of(path: Path) -> int:
@@ -150,11 +214,11 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     tasks = list(assets.TASKS)
-    classifiers = [cache / "paper_protocol" / "models" / t for t in tasks]
-    lm_models = [cache / "llm_domains" / d for d in ("austen", "brown")]
-    missing = [str(p) for p in classifiers + lm_models if not (p / "config.json").exists()]
+    classifiers = [cache / "paper_protocol" / "models" / "seed0" / t for t in tasks]
+    missing = [str(p) for p in classifiers if not (p / "config.json").exists()]
     if missing:
-        sys.exit(f"Missing models {missing}: run examples/paper_protocol/run.py and examples/llm_domains/run.py first.")
+        sys.exit(f"Missing models {missing}: run examples/merge_grid/run.py first.")
+    lm_models = [assets.fetch_smollm2(cache), perturbed(assets.fetch_smollm2(cache), work / "smollm2-perturbed")]
     minilm_data = assets.task_dir(cache, "rotten_tomatoes") / "train.jsonl"
     lm_data = lm_chunks(cache, lm_models[0], work / "austen_chunks.jsonl")
 
@@ -167,30 +231,37 @@ def main(argv=None) -> int:
             "smollm2", lm_models[0], lm_data, 32, 128, 32, 4, args.repeats),
     }
 
-    from mergekit_fisher_mask import CalibrationSettings, calibrate, calibrate_full
+    from mergekit_fisher_mask import CalibrationSettings, calibrate, calibrate_full, calibrate_gram
 
-    fishers, sizes = {}, {}
-    for model, data, length in [(m, minilm_data if m in classifiers else lm_data, 64 if m in classifiers else 128)
-                                for m in classifiers + lm_models]:
-        data = assets.task_dir(cache, model.name) / "train.jsonl" if model in classifiers else data
-        fishers[model] = work / f"{model.name}.mask.safetensors"
-        if not fishers[model].exists():
-            calibrate(str(model), str(data), fishers[model], CalibrationSettings(samples=32, max_length=length,
-                                                                                  batch_size=32), progress=False)
+    files = {"fisher_mask": {}, "regmean": {}}
+    sizes = {}
+    for model in classifiers + lm_models:
+        data, length = (assets.task_dir(cache, model.name) / "train.jsonl", 64) if model in classifiers else (lm_data, 128)
+        settings = CalibrationSettings(samples=32, max_length=length, batch_size=32)
+        files["fisher_mask"][model] = work / f"{model.name}.mask.safetensors"
+        files["regmean"][model] = work / f"{model.name}.gram"
+        if not files["fisher_mask"][model].exists():
+            calibrate(str(model), str(data), files["fisher_mask"][model], settings, progress=False)
+        if not files["regmean"][model].exists():
+            calibrate_gram(str(model), str(data), files["regmean"][model], settings, progress=False)
     for model, data, length, chunk in ((classifiers[0], minilm_data, 64, 8), (lm_models[0], lm_data, 128, 4)):
         full = work / f"{model.name}.full"
         if not (full / "fisher.safetensors.index.json").exists():
             calibrate_full(str(model), str(data), full, CalibrationSettings(samples=32, max_length=length,
                                                                              batch_size=32, chunk_size=chunk),
                            progress=False)
-        sizes[model.name] = {"mask_file_bytes": size_of(fishers[model]), "full_fisher_bytes": size_of(full),
+        sizes[model.name] = {"mask_file_bytes": size_of(files["fisher_mask"][model]), "full_fisher_bytes": size_of(full),
+                             "gram_folder_bytes": size_of(files["regmean"][model]),
+                             "gram_predicted_bytes": predicted_gram_bytes(model),
                              "model_weights_bytes": size_of(model / "model.safetensors")}
     report["fisher_sizes"] = sizes
+    report["gram_size_table"] = {name: gram_table_row(*shape) for name, shape in SIZE_TABLE.items()}
 
     report["merge"] = {
-        "two SmolLM2-135M fine-tunes": merge_cost("smollm2", lm_models, [fishers[m] for m in lm_models], work,
-                                                  args.repeats),
-        "two MiniLM classifiers": merge_cost("minilm", classifiers[:2], [fishers[m] for m in classifiers[:2]], work,
+        "two SmolLM2-135M models": merge_cost("smollm2", lm_models, {m: [f[x] for x in lm_models] for m, f in files.items()},
+                                              work, args.repeats),
+        "two MiniLM classifiers": merge_cost("minilm", classifiers[:2],
+                                             {m: [f[x] for x in classifiers[:2]] for m, f in files.items()}, work,
                                              args.repeats),
     }
     report["scaling"] = {"calibration_minilm_mask": {}, "merge_minilm_models": {}}
@@ -202,7 +273,7 @@ def main(argv=None) -> int:
         print(f"scaling calibration {samples}: {statistics.median(r['seconds'] for r in runs):.2f} s", flush=True)
     for count in (2, 3, 4):
         recipe = merge_recipe(work / f"scale-{count}.yml", "fisher_mask", classifiers[:count],
-                              [fishers[m] for m in classifiers[:count]])
+                              {"fisher_mask": [files["fisher_mask"][m] for m in classifiers[:count]]})
         runs = [timed_command(["mergekit-fisher", "merge", str(recipe), str(work / f"scale-{count}"), "--overwrite",
                                "--quiet", "--heads", "base"]) for _ in range(args.repeats)]
         report["scaling"]["merge_minilm_models"][count] = {"seconds": stats([r["seconds"] for r in runs]),
@@ -228,17 +299,26 @@ def markdown(report: dict) -> str:
         for mode, entry in modes.items():
             lines.append(f"| {setting} | {mode} | {spread(entry['seconds'])} | {entry['ratio_to_forward']:.2f} | "
                          f"{spread(entry['peak_rss_mb'], '{:.0f}')} | {entry['peak_ratio_to_forward']:.2f} |")
-    lines += ["", "### Fisher file sizes", "", "| model | mask Fisher | full Fisher | model weights |", "|---|---|---|---|"]
+    lines += ["", "### File sizes", "", "| model | mask Fisher | full Fisher | Gram folder (predicted) | model weights |",
+              "|---|---|---|---|---|"]
     for model, entry in report["fisher_sizes"].items():
         lines.append(f"| {model} | {entry['mask_file_bytes'] / 1024:.1f} KiB | "
-                     f"{entry['full_fisher_bytes'] / 2**20:.1f} MiB | {entry['model_weights_bytes'] / 2**20:.1f} MiB |")
-    lines += ["", "### Merge cost: fisher_mask against linear (same shard size, `mergekit-fisher merge`)", "",
-              "| models | linear s | fisher_mask s | time ratio | linear peak MB | fisher_mask peak MB | RSS ratio |",
-              "|---|---|---|---|---|---|---|"]
+                     f"{entry['full_fisher_bytes'] / 2**20:.1f} MiB | {entry['gram_folder_bytes'] / 2**20:.1f} MiB "
+                     f"({entry['gram_predicted_bytes'] / 2**20:.1f}) | {entry['model_weights_bytes'] / 2**20:.1f} MiB |")
+    columns = list(next(iter(report["gram_size_table"].values())))
+    lines += ["", "### Predicted Gram folder per model (the formula the free-space check uses)", "",
+              "| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    for name, row in report["gram_size_table"].items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[c] / 1e9:.1f} GB" for c in columns) + " |")
+    lines += ["", "### Merge cost against linear (same shard size, `mergekit-fisher merge`)", "",
+              "| models | linear s | fisher_mask s | regmean s | time ratios | linear peak MB | fisher_mask MB | "
+              "regmean MB |", "|---|---|---|---|---|---|---|---|"]
     for name, entry in report["merge"].items():
         lines.append(f"| {name} | {spread(entry['linear']['seconds'])} | {spread(entry['fisher_mask']['seconds'])} | "
-                     f"{entry['time_ratio']:.3f} | {spread(entry['linear']['peak_rss_mb'], '{:.0f}')} | "
-                     f"{spread(entry['fisher_mask']['peak_rss_mb'], '{:.0f}')} | {entry['peak_rss_ratio']:.3f} |")
+                     f"{spread(entry['regmean']['seconds'])} | {entry['fisher_mask_time_ratio']:.2f} / "
+                     f"{entry['regmean_time_ratio']:.2f} | {spread(entry['linear']['peak_rss_mb'], '{:.0f}')} | "
+                     f"{spread(entry['fisher_mask']['peak_rss_mb'], '{:.0f}')} | "
+                     f"{spread(entry['regmean']['peak_rss_mb'], '{:.0f}')} |")
     lines += ["", "### Scaling", "", "| MiniLM mask calibration samples | seconds | peak RSS MB |", "|---|---|---|"]
     for samples, entry in report["scaling"]["calibration_minilm_mask"].items():
         lines.append(f"| {samples} | {spread(entry['seconds'])} | {spread(entry['peak_rss_mb'], '{:.0f}')} |")

@@ -52,43 +52,36 @@ SAMPLES = 512
 
 @dataclass(frozen=True)
 class Method:
-    """One merge configuration: a mergekit method, its parameters, the Fisher it reads, whether it needs the base."""
+    """One merge configuration: a mergekit method, its parameters, the statistic file it reads per model (the
+    recipe parameter and the calibration key), whether it needs the base, and whether it is data-free."""
 
     name: str
     method: str
     parameters: Dict = field(default_factory=dict)
-    fisher: str = ""  # "" (none), "full", or a mask-Fisher calibration key (see CALIBRATIONS)
+    statistic: str = ""  # "" (none), or a key of CALIBRATIONS
     uses_base: bool = False
 
+    @property
+    def data_free(self) -> bool:
+        return not self.statistic
 
-# Mask-Fisher calibrations: key -> settings (all on 512 training examples of the model's own task).
-CALIBRATIONS = {
-    "mask": {},
-    "mask-expected": {"estimator": "expected"},
-    "mask-normalized": {"aggregate": "normalized"},
-}
-DEFAULT = {"scheme": "nodes", "normalize": "layer"}
+
+# Calibrations, all on 512 training examples of the model's own task: key -> (record type, settings). The recipe
+# parameter each merge method reads comes from the plugin's method table (fisher, gram).
+CALIBRATIONS = {"mask": (mfm.MaskFisher, {}), "full": (mfm.FullFisher, {"chunk_size": 8}), "gram": (mfm.GramStats, {})}
+DEFAULT = {}  # the plugin's defaults
 METHODS: List[Method] = [
     Method("linear", "linear", {"weight": 1.0}),
-    Method("task_arithmetic (lambda 0.5)", "task_arithmetic", {"weight": 0.5}, uses_base=True),
-    Method("ties (density 0.5)", "ties", {"weight": 1.0, "density": 0.5}, uses_base=True),
+    *[Method(f"task_arithmetic (lambda {lam})", "task_arithmetic", {"weight": lam}, uses_base=True)
+      for lam in (0.5, 0.7, 1.0)],
+    *[Method(f"ties (density {d})", "ties", {"weight": 1.0, "density": d}, uses_base=True) for d in (0.3, 0.5, 0.7)],
+    *[Method(f"dare_ties (density {d})", "dare_ties", {"weight": 1.0, "density": d}, uses_base=True)
+      for d in (0.3, 0.5, 0.7)],
     Method("fisher (full, raw)", "fisher", {"normalize": False}, "full"),
     Method("fisher_mask (default)", "fisher_mask", DEFAULT, "mask"),
-    Method("fisher_mask, normalize none", "fisher_mask", {**DEFAULT, "normalize": "none"}, "mask"),
-    Method("fisher_mask, power 0.5", "fisher_mask", {**DEFAULT, "power": 0.5}, "mask"),
-    Method("fisher_mask, power 2", "fisher_mask", {**DEFAULT, "power": 2.0}, "mask"),
-    Method("fisher_mask, expected estimator", "fisher_mask", DEFAULT, "mask-expected"),
-    Method("fisher_mask, normalized aggregate", "fisher_mask", DEFAULT, "mask-normalized"),
-    Method("fisher_mask, uncovered mean_fisher, normalize none", "fisher_mask",
-           {**DEFAULT, "normalize": "none", "uncovered": "mean_fisher"}, "mask"),
-    Method("fisher_mask, sparsify magnitude 0.5", "fisher_mask",
-           {**DEFAULT, "sparsify": "magnitude", "density": 0.5}, "mask", uses_base=True),
-    Method("fisher_mask, sparsify fisher 0.5", "fisher_mask",
-           {**DEFAULT, "sparsify": "fisher", "density": 0.5}, "mask", uses_base=True),
-    Method("fisher_mask, sparsify fisher 0.3", "fisher_mask",
-           {**DEFAULT, "sparsify": "fisher", "density": 0.3}, "mask", uses_base=True),
-    Method("fisher_mask, task vectors, density 1", "fisher_mask",
-           {**DEFAULT, "sparsify": "magnitude", "density": 1.0}, "mask", uses_base=True),
+    Method("fisher_mask, sparsify magnitude 0.5", "fisher_mask", {"sparsify": "magnitude", "density": 0.5}, "mask",
+           uses_base=True),
+    *[Method(f"regmean (alpha {a})", "regmean", {"alpha": a}, "gram") for a in (0.5, 0.9, 1.0)],
 ]
 ABLATION_GROUPS = ("embeddings", "attention", "ffn", "norms and biases")
 
@@ -144,33 +137,33 @@ class Seed:
         self.individual = {task: tests[task].accuracy(self.models[task]) for task in tasks}
 
     def _calibrate(self, task: str, task_dir: Path, work: Path) -> Dict[str, str]:
+        """Every statistic of CALIBRATIONS for one task model (cached; the file names are the keys)."""
+        from mergekit_fisher_mask.calibration import measure_statistic
+
         data = str(task_dir / "train.jsonl")
         folder = work / "fisher" / f"seed{self.seed}" / task
         paths = {}
-        for key, options in CALIBRATIONS.items():
-            out = folder / f"{key}.safetensors"
-            if not out.exists():
-                mfm.calibrate(str(self.paths[task]), data, out, mfm.CalibrationSettings(
-                    samples=SAMPLES, batch_size=32, max_length=MAX_LENGTH, **options), progress=False)
+        for key, (record, options) in CALIBRATIONS.items():
+            out = folder / (key if record.OUTPUT.folder else f"{key}.safetensors")
+            if not record.OUTPUT.is_ours(out):
+                settings = mfm.CalibrationSettings(samples=SAMPLES, batch_size=32, max_length=MAX_LENGTH, **options)
+                measure_statistic(record, str(self.paths[task]), data, out, settings, overwrite=True, progress=False)
             paths[key] = str(out)
-        out = folder / "full"
-        if not (out / "fisher.safetensors.index.json").exists():
-            mfm.calibrate_full(str(self.paths[task]), data, out, mfm.CalibrationSettings(
-                samples=SAMPLES, batch_size=32, max_length=MAX_LENGTH, chunk_size=8), progress=False)
-        paths["full"] = str(out)
         return paths
 
     def merge(self, method: Method, pair, base_body) -> Dict[str, torch.Tensor]:
         parameters = dict(method.parameters)
         inputs = {task: self.bodies[task] for task in pair}
-        if method.fisher:
-            parameters["fisher"] = {task: self.fishers[task][method.fisher] for task in pair}
+        if method.statistic:
+            parameter = mfm.PLUGIN_METHODS[method.method].parameter
+            parameters[parameter] = {task: self.fishers[task][method.statistic] for task in pair}
         base = None
         if method.uses_base:
             inputs = {"base": base_body, **inputs}
             base = "base"
-            if method.fisher:
-                parameters["fisher"]["base"] = None  # the base is the task vectors' origin, not a merged model
+            if method.statistic:
+                parameters[parameter]["base"] = None  # the base is the task vectors' origin, not a merged model
+        torch.manual_seed(0)  # DARE's random masks: the same draw for every run of a cell
         with torch.no_grad():
             return merge_state_dicts(inputs, merge_methods.get(method.method), parameters=parameters, base=base)
 
@@ -202,6 +195,9 @@ def summarize(rows: List[dict], individual: Dict[int, Dict[str, float]], seeds: 
     by = {}
     for row in rows:
         by.setdefault(row["method"], {}).setdefault(row["seed"], {})["+".join(row["pair"])] = row["normalized"]
+    complete = {name for name, per_seed in by.items() if set(per_seed) == set(seeds)}
+    data_free = [m.name for m in METHODS if m.data_free and m.name in complete]
+    best_free = max(data_free, key=lambda n: statistics.mean(v for s in seeds for v in by[n][s].values()), default=None)
     methods = {}
     for name, per_seed in by.items():
         if set(per_seed) != set(seeds):
@@ -209,8 +205,8 @@ def summarize(rows: List[dict], individual: Dict[int, Dict[str, float]], seeds: 
         seed_means = {s: statistics.mean(per_seed[s].values()) for s in seeds}
         entry = {"per_seed_mean": seed_means, "mean": statistics.mean(seed_means.values()),
                  "per_pair": {p: statistics.mean(per_seed[s][p] for s in seeds) for p in per_seed[seeds[0]]}}
-        for reference in ("linear", "ties (density 0.5)"):
-            if reference in by and set(by[reference]) == set(seeds):
+        for reference in ("linear", best_free):
+            if reference in complete:
                 diffs = [seed_means[s] - statistics.mean(by[reference][s].values()) for s in seeds]
                 pair_diffs = [statistics.mean(per_seed[s][p] - by[reference][s][p] for s in seeds)
                               for p in per_seed[seeds[0]]]
@@ -221,6 +217,7 @@ def summarize(rows: List[dict], individual: Dict[int, Dict[str, float]], seeds: 
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, CPU only",
         "command": "python examples/merge_grid/run.py " + " ".join(sys.argv[1:]),
         "seeds": seeds,
+        "best_data_free": best_free,
         "individual_accuracy": individual,
         "methods": methods,
         "wall_seconds_this_run": round(time.time() - started),
@@ -228,19 +225,21 @@ def summarize(rows: List[dict], individual: Dict[int, Dict[str, float]], seeds: 
 
 
 def markdown(report: dict, ablation: dict) -> str:
-    seeds = report["seeds"]
-    lines = ["Mean normalized accuracy (merged / individual) over the 6 task pairs, whole test splits; differences "
+    seeds, best = report["seeds"], report["best_data_free"]
+    lines = [f"Command: `{report['command']}`; machine: {report['machine']}.", "",
+             "Mean normalized accuracy (merged / individual) over the 6 task pairs, whole test splits; differences "
              "are paired per seed (mean over seeds +- standard error); worst pair = the pair (mean over seeds) where "
-             "the method does worst against the reference.", "",
-             "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | vs linear | vs TIES | worst pair vs linear |",
-             "|---|" + "---|" * (len(seeds) + 4)]
+             f"the method does worst against the reference. Best tuned data-free row: {best} (tuned on these same "
+             "test sets, as a user tuning its knobs would).", "",
+             "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | vs linear | vs best data-free | "
+             "worst pair vs linear |", "|---|" + "---|" * (len(seeds) + 4)]
     for name, entry in sorted(report["methods"].items(), key=lambda kv: -kv[1]["mean"]):
         cells = [f"{entry['per_seed_mean'][s]:.4f}" for s in seeds]
-        vs_linear, vs_ties = entry.get("vs linear", {}), entry.get("vs ties (density 0.5)", {})
+        vs_linear, vs_best = entry.get("vs linear", {}), entry.get(f"vs {best}", {})
         lines.append(
             f"| {name} | " + " | ".join(cells) + f" | **{entry['mean']:.4f}** | "
             f"{vs_linear.get('mean', 0):+.4f} +- {vs_linear.get('se', 0):.4f} | "
-            f"{vs_ties.get('mean', 0):+.4f} +- {vs_ties.get('se', 0):.4f} | {vs_linear.get('worst_pair', 0):+.4f} |"
+            f"{vs_best.get('mean', 0):+.4f} +- {vs_best.get('se', 0):.4f} | {vs_linear.get('worst_pair', 0):+.4f} |"
         )
     if ablation:
         lines += ["", "Per-group ablation of the default fisher_mask merge: one tensor group taken from another merge "
@@ -255,7 +254,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", type=Path, default=assets.DEFAULT_CACHE)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--ablation-seeds", type=int, nargs="*", default=[0, 1, 2])
+    parser.add_argument("--ablation-seeds", type=int, nargs="*", default=[])
+    parser.add_argument("--methods", nargs="+", default=None, help="only these rows (default: every row)")
     parser.add_argument("--tasks", nargs="+", default=list(assets.TASKS), choices=assets.TASKS)
     args = parser.parse_args(argv)
     cache = args.cache.resolve()
@@ -278,7 +278,8 @@ def main(argv=None) -> int:
         run = Seed(cache, work, seed, args.tasks, tests)
         individual[seed] = run.individual
         base_body = {k: start[k] for k in run.bodies[args.tasks[0]]}
-        jobs = [(m, p) for m in METHODS for p in pairs]
+        chosen = [m for m in METHODS if args.methods is None or m.name in args.methods]
+        jobs = [(m, p) for m in chosen for p in pairs]
         for method, pair in tqdm(jobs, desc=f"seed {seed}: merge + score", unit="merge"):
             path = cell_path(cells, seed, method.name, pair)
             if not path.exists():
@@ -294,6 +295,8 @@ def main(argv=None) -> int:
             continue
         default = next(m for m in METHODS if m.name == "fisher_mask (default)")
         donors = [m for m in METHODS if m.name in ("ties (density 0.5)", "linear")]
+        if not args.ablation_seeds:
+            continue
         for pair in tqdm(pairs, desc=f"seed {seed}: ablation", unit="pair"):
             todo = [(g, d) for g in ABLATION_GROUPS for d in donors
                     if not cell_path(cells, seed, f"ablation {g} from {d.name}", pair).exists()]
@@ -314,7 +317,8 @@ def main(argv=None) -> int:
     report = summarize(rows, individual, args.seeds, started)
     ablation = {}
     default_mean = statistics.mean(
-        r["normalized"] for r in rows if r["method"] == "fisher_mask (default)" and r["seed"] in args.ablation_seeds)
+        r["normalized"] for r in rows if r["method"] == "fisher_mask (default)" and r["seed"] in args.ablation_seeds
+    ) if args.ablation_seeds else 0.0
     for group in ABLATION_GROUPS:
         for donor in ("ties (density 0.5)", "linear"):
             values = [r["normalized"] for r in ablation_rows if r["group"] == group and r["donor"] == donor]

@@ -157,7 +157,7 @@ class Recipe:
 
     # ---- checks of the recipe against the models it names ----------------------------------------------------
 
-    def check_shapes(self, configs: Mapping[str, Any]) -> NodeShape:
+    def check_shapes(self, configs: Mapping[str, Any]) -> None:
         """All merged models must be supported and share one node layout and vocabulary size; ``configs`` maps
         each model reference to its HF config."""
         shapes = {}
@@ -171,7 +171,6 @@ class Recipe:
                     f"Models {first_ref} and {ref} have different shapes ({first[0]}, vocab {first[1]} vs "
                     f"{shape[0]}, vocab {shape[1]}); {self.method} merges models of one architecture and size."
                 )
-        return first[0]
 
     def check_slices(self) -> None:
         """The plugin's kernels read the layer index from the output tensor name, so every slice must map layers

@@ -23,6 +23,9 @@ from ..errors import FisherMaskError, RecipeError, option
 from ..outputs import rename, save_tensors, write_json
 from .mergekit_definitions import planned_names
 
+__all__ = ["TASK_HEAD_POLICIES", "choose_task_heads", "copy_task_head", "planned_names", "restore_architectures",
+           "task_head_tensors"]
+
 LOG = logging.getLogger(__name__)
 
 TASK_HEAD_POLICIES = ("auto", "base", "merge")
