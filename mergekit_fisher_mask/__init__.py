@@ -27,6 +27,7 @@ with quiet_interrupts():  # the imports below take seconds; Ctrl-C meanwhile end
         calibrate_full,
         calibrate_gram,
         load_calibration,
+        placed_model,
         plan_calibration,
         prepare_calibration,
     )
@@ -111,6 +112,7 @@ __all__ = [
     "get_architecture",
     "load_calibration",
     "load_mask_fisher",
+    "placed_model",
     "plan_calibration",
     "prepare_calibration",
     "register",

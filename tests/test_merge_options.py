@@ -85,6 +85,34 @@ def test_density_one_without_consensus_is_the_weighted_mean(setup):
     torch.testing.assert_close(merged[NAME], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_scale_and_magnitude_power_act_on_the_task_vectors(setup):
+    states, fishers, paths = setup
+    base = states[0][NAME]
+    taus = [s[NAME] - base for s in states[1:]]
+    weights = [head_rows(f) for f in fishers[1:]]
+    scaled = merge(states, paths, sparsify="magnitude", density=1.0, consensus=False, normalize="none", scale=2.0)
+    mean = sum(w * t for w, t in zip(weights, taus)) / sum(weights)
+    torch.testing.assert_close(scaled[NAME], base + 2.0 * mean, rtol=1e-5, atol=1e-6)
+    soft = merge(states, paths, sparsify="magnitude", density=1.0, consensus=False, normalize="none",
+                 magnitude_power=1.0)
+    soft_weights = [w * t.abs() for w, t in zip(weights, taus)]  # each entry also weighted by its |tau_k|
+    expected = base + sum(w * t for w, t in zip(soft_weights, taus)) / sum(soft_weights)
+    torch.testing.assert_close(soft[NAME], expected, rtol=1e-5, atol=1e-6)
+    with pytest.raises(FisherMaskError, match="scale and magnitude_power act on task vectors"):
+        merge(states, paths, scale=2.0)
+
+
+def test_layer_median_normalization_scales_each_layer_to_median_one(setup):
+    from mergekit_fisher_mask.merge.expand import NodeWeights, Normalize
+
+    _, fishers, _ = setup
+    nodes = NodeWeights.from_fisher(fishers[1], Normalize.LAYER_MEDIAN)
+    for key, values in nodes.groups.items():
+        torch.testing.assert_close(values.median(dim=1).values, torch.ones(values.shape[0]), msg=key)
+        ratio = fishers[1].groups[key] / values  # one positive factor per layer
+        torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio), msg=key)
+
+
 def test_dare_keeps_about_density_and_rescales(setup):
     states, _, paths = setup
     merged = merge(states, paths, sparsify="dare", density=0.5, consensus=False)

@@ -176,17 +176,14 @@ def profile(model, batches, autocast: str, device: Device) -> dict:
 
 def offload_check(work: Path, device: Device, args) -> dict:
     """The mask pass of a SmolLM2-shaped model in memory and under a device map that offloads most of it."""
-    from mergekit_fisher_mask import CalibrationSettings
-    from mergekit_fisher_mask.calibration.api import make_accelerator
-    from mergekit_fisher_mask.calibration.placement import Placement, load_model
-    from mergekit_fisher_mask.outputs import private_folder
+    from mergekit_fisher_mask import CalibrationSettings, placed_model
+    from mergekit_fisher_mask.calibration import Placement
 
     shape = "tiny" if args.dry_run else "smollm2-135m"
     folder = work / f"offload-{shape}"
     build(shape, torch.float32, torch.device("cpu")).save_pretrained(folder)
-    config = __import__("transformers").AutoConfig.from_pretrained(folder)
-    accelerator = make_accelerator()
-    batches = random_batches(config.vocab_size, args.batch, args.length, args.batches, torch.device("cpu"))
+    vocab = SHAPES[shape]["vocab_size"]
+    batches = random_batches(vocab, args.batch, args.length, args.batches, torch.device("cpu"))
     budget = {0: args.gpu_budget, "cpu": "64GiB"} if device.gpu else {"cpu": "100KB"}
     results = {}
     for name, settings in {
@@ -194,16 +191,14 @@ def offload_check(work: Path, device: Device, args) -> dict:
         "device map": CalibrationSettings(dtype="float32", device_map="auto", max_memory=budget,
                                           offload_folder=str(work / "offload-weights")),
     }.items():
-        with private_folder(work / "offload-weights") as offload:
-            model = load_model(folder, config, settings, accelerator, offload_folder=offload)
+        with placed_model(folder, settings) as model:
             placement = Placement.of(model)
             inputs = [{k: v.to(placement.input_device) for k, v in b.items()} for b in batches]
             report = passes(model, inputs, "no", device, args.repeats)
             report["placement"] = sorted({str(p) for p in (placement.device_map or {"": placement.input_device}).values()})
             report["checkpointing"] = placement.checkpointing
             results[name] = report
-            del model
-            device.free()
+        device.free()
     reference, offloaded = results["in memory"].pop("head_fisher"), results["device map"].pop("head_fisher")
     results["head_fisher_max_rel_diff"] = float((offloaded - reference).abs().max() / reference.abs().max())
     return {"shape": shape, "gpu_budget": args.gpu_budget if device.gpu else "cpu=100KB (disk offload)", **results}

@@ -20,6 +20,7 @@ from .api import (
     load_calibration,
     make_accelerator,
     measure_statistic,
+    placed_model,
     plan_calibration,
     prepare_calibration,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "make_accelerator",
     "measure_statistic",
     "micro_batch_sizer",
+    "placed_model",
     "model_inputs",
     "plan_calibration",
     "prepare_calibration",

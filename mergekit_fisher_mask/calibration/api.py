@@ -190,6 +190,19 @@ def load_calibration(plan: CalibrationPlan, accelerator=None, **model_options) -
     return PreparedCalibration(plan.model_dir, net, loader, description, accelerator, settings, plan.task, resources)
 
 
+@contextlib.contextmanager
+def placed_model(model: PathLike, settings: SettingsLike = None, accelerator=None, **model_options):
+    """Load ``model`` (folder or Hub id) with the head its config names, as the settings place it (dtype, device map,
+    CPU and disk offload), for passes over your own batches; this run's own offload folder is removed on exit."""
+    settings = _settings(settings)
+    accelerator = accelerator or make_accelerator()
+    model_dir = resolve_model_dir(model)
+    config = load_config(model_dir)
+    with contextlib.ExitStack() as resources:
+        offload = resources.enter_context(private_folder(Path(settings.offload_folder))) if settings.offload_folder else None
+        yield load_model(model_dir, config, settings, accelerator, offload_folder=offload, **model_options)
+
+
 def prepare_calibration(
     model: PathLike, data: str, settings: SettingsLike = None, accelerator=None, *, attn_implementation=None
 ) -> PreparedCalibration:

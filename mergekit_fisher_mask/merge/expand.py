@@ -28,15 +28,21 @@ class Normalize(str, enum.Enum):
     NONE = "none"  # raw Fisher, as in the paper
     MODEL = "model"  # each node group scaled to mean 1 over the model
     LAYER = "layer"  # within every layer, each node group scaled to mean 1
+    LAYER_MEDIAN = "layer_median"  # within every layer, each node group scaled to median 1 (robust to a few outliers)
 
 
 def normalized(values: torch.Tensor, normalize: Normalize) -> torch.Tensor:
-    """Node Fisher (L, ...) scaled as ``normalize`` says; an all-zero model or layer stays zero."""
-    if Normalize(normalize) == Normalize.NONE:
+    """Node Fisher (L, ...) scaled as ``normalize`` says; an all-zero model or layer stays zero (a layer whose median
+    is zero falls back to its mean)."""
+    normalize = Normalize(normalize)
+    if normalize == Normalize.NONE:
         return values
-    dims = tuple(range(values.dim())) if Normalize(normalize) == Normalize.MODEL else tuple(range(1, values.dim()))
-    mean = values.mean(dim=dims, keepdim=True)
-    return torch.where(mean > 0, values / mean.clamp_min(torch.finfo(values.dtype).tiny), values)
+    dims = tuple(range(values.dim())) if normalize == Normalize.MODEL else tuple(range(1, values.dim()))
+    scale = values.mean(dim=dims, keepdim=True)
+    if normalize == Normalize.LAYER_MEDIAN:
+        median = values.flatten(1).median(dim=1).values.view(scale.shape)  # (L, 1, ...)
+        scale = torch.where(median > 0, median, scale)
+    return torch.where(scale > 0, values / scale.clamp_min(torch.finfo(values.dtype).tiny), values)
 
 
 @dataclass(frozen=True)

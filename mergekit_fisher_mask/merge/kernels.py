@@ -136,15 +136,20 @@ def fisher_mask_merge(
     sparsify: Sparsify = Sparsify.NONE,
     density: Annotated[float, Field(gt=0, le=1)] = 1.0,
     consensus: bool = True,
+    scale: Annotated[float, Field(gt=0)] = 1.0,
+    magnitude_power: Annotated[float, Field(ge=0)] = 0.0,
 ) -> torch.Tensor:
     """Merge one tensor: each model weighted by ``weight * F^power``, F its node Fisher along the node axis (floored
     at ``epsilon`` times its group's layer mean); with ``sparsify``, merge trimmed, sign-elected task vectors over
-    the base model instead."""
+    the base model instead (``scale`` and ``magnitude_power`` act on those, see :mod:`.sparsify`)."""
     name = group.metadata.name or "<unnamed tensor>"
     entries = members(group, fisher, "fisher_mask")
     lambdas = positive_lambdas(entries, weight, "fisher_mask", name)
     if sparsify != Sparsify.NONE and group.base is None:
         raise FisherMaskError(f"fisher_mask: sparsify={sparsify.value} merges task vectors and needs a base_model.")
+    if sparsify == Sparsify.NONE and (scale != 1.0 or magnitude_power > 0):
+        raise FisherMaskError("fisher_mask: scale and magnitude_power act on task vectors; set sparsify (e.g. "
+                              "magnitude with density 1.0 to keep every entry) and a base_model.")
     loaded = [node_weights(fisher[entry.id], normalize, power, epsilon) for entry in entries]
     spec = loaded[0][1]
     if any(other.name != spec.name for _, other in loaded):
@@ -167,7 +172,8 @@ def fisher_mask_merge(
     if sparsify == Sparsify.NONE:
         return weighted_average(entries, weights)
     return merge_task_vectors(
-        group.base.tensor, [entry.tensor for entry in entries], weights, sparsify, density, consensus, name=name
+        group.base.tensor, [entry.tensor for entry in entries], weights, sparsify, density, consensus, name=name,
+        scale=scale, magnitude_power=magnitude_power,
     )
 
 

@@ -7,7 +7,11 @@ With a base model ``theta_0``, each model's task vector ``tau_k = theta_k - thet
 2. **sign-elected** (``consensus``): an entry of ``tau_k`` is kept only if its sign agrees with that of the
    weighted mass ``sum_k w_k tau_k`` (TIES' election, with Fisher weights in place of magnitudes alone);
 3. **merged** as the weighted mean of the kept entries, ``sum_k w_k m_k tau_k / sum_k w_k m_k`` (0 where no model
-   keeps the entry), and added back to the base.
+   keeps the entry), multiplied by ``scale`` (1: the mean; K: about the sum of K task vectors, as task arithmetic
+   with lambda 1), and added back to the base.
+
+``magnitude_power`` p > 0 multiplies each entry's weight by ``|tau_k|^p``: a soft version of the magnitude trim, in
+which larger changes count more rather than smaller ones being dropped.
 
 The semantics follow mergekit's ``ties`` and ``dare_ties`` / ``dare_linear`` (trim per tensor, elect by sign, divide
 by the kept weights), with the weights ``w_k = lambda_k * F_k`` of ``fisher_mask``.
@@ -55,8 +59,11 @@ def merge_task_vectors(
     consensus: bool,
     *,
     name: str,
+    scale: float = 1.0,
+    magnitude_power: float = 0.0,
 ) -> torch.Tensor:
-    """``base + sum_k w_k m_k tau_k / sum_k w_k m_k`` with the trim and sign masks ``m_k`` described above."""
+    """``base + scale * sum_k w_k m_k tau_k / sum_k w_k m_k`` with the trim and sign masks ``m_k`` described above;
+    with ``magnitude_power`` p > 0 each entry's weight is also multiplied by ``|tau_k|^p`` (a soft trim)."""
     dtype = torch.float64 if base.dtype == torch.float64 else torch.float32
     seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:4], "little")  # reproducible DARE per tensor
     deltas: List[torch.Tensor] = []
@@ -67,6 +74,8 @@ def merge_task_vectors(
             delta.div_(density)
         deltas.append(delta)
     full = [w.to(device=base.device, dtype=dtype) if isinstance(w, torch.Tensor) else float(w) for w in weights]
+    if magnitude_power > 0:  # full-size weights: w_k |tau_k|^p, one model at a time
+        full = [delta.abs().pow_(magnitude_power).mul_(w) for w, delta in zip(full, deltas)]
     if consensus:
         mass = torch.zeros_like(deltas[0])
         for w, d in zip(full, deltas):
@@ -87,4 +96,6 @@ def merge_task_vectors(
         denominator.add_(kept)
     # Where no model keeps an entry, the numerator is exactly 0 too, so 0 / tiny = 0 there.
     merged = numerator.div_(denominator.clamp_min_(torch.finfo(dtype).tiny))
+    if scale != 1.0:
+        merged.mul_(scale)
     return merged.add_(base.to(dtype)).to(base.dtype)
