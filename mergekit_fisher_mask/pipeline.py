@@ -144,6 +144,7 @@ def run_fisher_merge(
                                    merge_options) if spec else []
     provenance: Dict[str, dict] = {}
     if plugin:
+        _check_statistics(recipe, inputs, verify_fingerprint)  # the files the recipe gives, before calibrating others
         paths = calibrate_missing(recipe.calibrations, inputs, cache_dir, plugin.statistic,
                                   progress=not merge_options.quiet)
         recipe = recipe.with_statistic_paths(paths)

@@ -286,50 +286,32 @@ def measure_statistic(
     return result
 
 
-def calibrate(
-    model: PathLike,
-    data: str,
-    out: PathLike,
-    settings: SettingsLike = None,
-    *,
-    overwrite: bool = False,
-    accelerator=None,
-    progress: bool = True,
-) -> MaskFisher:
-    """Measure the mask Fisher of ``model`` (folder or Hub id) on ``data``, write it to ``out`` and return it.
+def _calibrate_into(record: type, name: str, doc: str):
+    """One public function per statistic, each :func:`measure_statistic` for its record type."""
 
-    The rules for ``out`` and processes are :func:`measure_statistic`'s."""
-    return measure_statistic(MaskFisher, model, data, out, settings, overwrite=overwrite, accelerator=accelerator,
-                             progress=progress)
+    def run(
+        model: PathLike,
+        data: str,
+        out: PathLike,
+        settings: SettingsLike = None,
+        *,
+        overwrite: bool = False,
+        accelerator=None,
+        progress: bool = True,
+    ):
+        return measure_statistic(record, model, data, out, settings, overwrite=overwrite, accelerator=accelerator,
+                                 progress=progress)
 
-
-def calibrate_full(
-    model: PathLike,
-    data: str,
-    out: PathLike,
-    settings: SettingsLike = None,
-    *,
-    overwrite: bool = False,
-    accelerator=None,
-    progress: bool = True,
-) -> FullFisher:
-    """Measure the full diagonal Fisher of every parameter and write it as a sharded folder ``out``; the settings'
-    ``chunk_size`` examples' gradients are held at once. The rules for ``out`` are :func:`measure_statistic`'s."""
-    return measure_statistic(FullFisher, model, data, out, settings, overwrite=overwrite, accelerator=accelerator,
-                             progress=progress)
+    run.__name__ = run.__qualname__ = name
+    run.__doc__ = doc + " The rules for ``out`` and processes are :func:`measure_statistic`'s."
+    return run
 
 
-def calibrate_gram(
-    model: PathLike,
-    data: str,
-    out: PathLike,
-    settings: SettingsLike = None,
-    *,
-    overwrite: bool = False,
-    accelerator=None,
-    progress: bool = True,
-) -> GramStats:
-    """Measure RegMean's Gram matrix of every linear layer input (the settings' ``gram_inputs``) on ``data``'s real
-    tokens and write them as a sharded folder ``out``. The rules for ``out`` are :func:`measure_statistic`'s."""
-    return measure_statistic(GramStats, model, data, out, settings, overwrite=overwrite, accelerator=accelerator,
-                             progress=progress)
+calibrate = _calibrate_into(MaskFisher, "calibrate", "Measure the mask Fisher of ``model`` (folder or Hub id) on "
+                            "``data``, write it to the file ``out`` and return the :class:`MaskFisher`.")
+calibrate_full = _calibrate_into(FullFisher, "calibrate_full", "Measure the full diagonal Fisher of every parameter "
+                                 "and write it as a sharded folder ``out`` (the settings' ``chunk_size`` examples' "
+                                 "gradients are held at once); return the :class:`FullFisher`.")
+calibrate_gram = _calibrate_into(GramStats, "calibrate_gram", "Measure RegMean's Gram matrix of every linear layer "
+                                 "input (the settings' ``gram_inputs``) on ``data``'s real tokens and write them as "
+                                 "a sharded folder ``out``; return the :class:`GramStats`.")
