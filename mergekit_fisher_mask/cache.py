@@ -17,7 +17,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Dict, Iterable, Mapping
 
-from .calibration.api import measure_statistic, plan_calibration
+from .calibration.api import PASSES, measure_statistic, plan_calibration
 from .calibration.placement import accelerator_type
 from .checkpoints import model_fingerprint
 from .outputs import check_writable
@@ -82,8 +82,9 @@ def calibrate_missing(
             missing.append((request, path))
     if missing:
         check_writable(cache_dir / "probe", name="cache_dir")
-    plans = [(request, path, plan_calibration(inputs[request.model].directory, request.data, request.settings))
-             for request, path in missing]
+    uses_loss = PASSES[record].uses_loss
+    plans = [(request, path, plan_calibration(inputs[request.model].directory, request.data, request.settings,
+                                              uses_loss=uses_loss)) for request, path in missing]
     for request, path, plan in plans:
         LOG.info("Calibrating %s on %s -> %s", request.model, request.data, path)
         # The cache is ours: a run that filled the same key meanwhile wrote the same result, so replace it.

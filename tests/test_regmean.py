@@ -271,3 +271,11 @@ def test_families_without_a_gram_pass_are_refused_before_any_work(model_zoo, tmp
     with pytest.raises(FisherMaskError, match="RegMean \\(--gram\\) is not implemented for T5"):
         calibrate_gram(str(model_zoo("t5")), str(data_for("t5", tmp_path)), tmp_path / "g", SETTINGS)
     assert not (tmp_path / "g").exists()
+
+
+def test_grams_need_no_labels_and_record_a_forward_statistic(model_zoo, tmp_path):
+    from conftest import write_jsonl
+
+    data = write_jsonl(tmp_path / "unlabelled.jsonl", [{"text": "w1 w2 w3"}, {"text": "w4 w5"}] * 4)
+    grams = calibrate_gram(str(model_zoo("bert")), str(data), tmp_path / "g", SETTINGS, progress=False)
+    assert grams.estimator == "forward" and grams.loss == "" and grams.samples == 8

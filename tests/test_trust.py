@@ -367,3 +367,15 @@ def test_identical_calibrations_write_identical_bytes(model_zoo, text_data, tmp_
         calibrate_full(model, str(text_data), tmp_path / f"full-{run}", SETTINGS, progress=False)
     assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
     assert snapshot(tmp_path / "full-a") == snapshot(tmp_path / "full-b")
+
+
+def test_a_bad_statistic_file_is_refused_before_another_model_is_calibrated(setup, tmp_path, text_data, no_work):
+    models, fishers, _ = setup
+    recipe = tmp_path / "r.yml"
+    recipe.write_text(yaml.safe_dump({"merge_method": "fisher_mask", "base_model": str(models[0]), "models": [
+        {"model": str(models[0]), "parameters": {"fisher": str(fishers[1])}},  # measured on the other model
+        {"model": str(models[1]), "parameters": {"calibration_data": str(text_data)}},
+    ]}))
+    with pytest.raises(Exception, match="measured on a different model"):
+        run_fisher_merge(str(recipe), str(tmp_path / "out"), OPTIONS, cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").iterdir())

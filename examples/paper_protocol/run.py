@@ -166,7 +166,8 @@ def main(argv=None) -> int:
     task_dirs = {task: assets.build_task(cache, task) for task in args.tasks}
 
     log("fine-tuning")
-    models = {task: work / "models" / task for task in args.tasks}
+    # The merge grid's seed-0 fine-tunes: the same recipe (examples/finetune_classifier.py defaults, seed 0).
+    models = {task: work / "models" / "seed0" / task for task in args.tasks}
     finetune_reports = {task: finetune(assets.minilm_path(cache), task_dirs[task], models[task])
                         for task in args.tasks}
 

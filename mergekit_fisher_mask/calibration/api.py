@@ -123,9 +123,12 @@ class CalibrationPlan:
     description: Dict[str, Any]
 
 
-def plan_calibration(model: PathLike, data: str, settings: SettingsLike = None) -> CalibrationPlan:
+def plan_calibration(
+    model: PathLike, data: str, settings: SettingsLike = None, *, uses_loss: bool = True
+) -> CalibrationPlan:
     """Resolve the model, check the settings against its task, and select and tokenize the data; no weight is
-    loaded, so every mistake in the data or settings surfaces before any work."""
+    loaded, so every mistake in the data or settings surfaces before any work. ``uses_loss=False`` plans a
+    forward-only statistic (RegMean's Grams): no estimator, and no labels needed."""
     from transformers import AutoTokenizer
 
     settings = _settings(settings)
@@ -134,8 +137,9 @@ def plan_calibration(model: PathLike, data: str, settings: SettingsLike = None) 
     where = str(model_dir)
     spec = get_architecture(config.model_type, where=where)
     task = task_of(config, where=where)
-    check_estimator(settings.estimator, task)
-    _check_columns_apply(settings, task, where)
+    if uses_loss:
+        check_estimator(settings.estimator, task)
+        _check_columns_apply(settings, task, where)
     examples = select_examples(
         data,
         samples=settings.samples,
@@ -144,7 +148,7 @@ def plan_calibration(model: PathLike, data: str, settings: SettingsLike = None) 
         text_columns=settings.text_columns,
         label_column=settings.label_column,
         target_column=settings.target_column,
-        needs_labels=task in _LABELLED and settings.estimator.uses_labels,
+        needs_labels=uses_loss and task in _LABELLED and settings.estimator.uses_labels,
     )
     labels = encode_labels(examples, config, source=data) if examples.labels is not None else None
     max_length = effective_max_length(settings.max_length, spec, config, where)
@@ -233,15 +237,15 @@ def _library_progress(show: bool):
             enable()
 
 
-def _provenance(run: PreparedCalibration, model, count: int) -> Dict[str, Any]:
+def _provenance(run: PreparedCalibration, model, count: int, statistic: CalibrationPass) -> Dict[str, Any]:
     """What every statistic file records about where it came from."""
     return {
         "shape": NodeShape.from_config(run.model.config),
         "fingerprint": model_fingerprint(run.model_dir),
         "model": str(model),
         "samples": count,
-        "estimator": run.settings.estimator.value,
-        "loss": run.task.loss.value,
+        "estimator": run.settings.estimator.value if statistic.uses_loss else "forward",
+        "loss": run.task.loss.value if statistic.uses_loss else "",
         "dtype": str(run.model.dtype).removeprefix("torch."),
         "data": run.description,
     }
@@ -276,10 +280,10 @@ def measure_statistic(
         statistic.check(config, settings)
         claim = claim_output(out, record.OUTPUT, overwrite=overwrite, inputs={"the model folder": model_dir},
                              name=out_name, needed_bytes=statistic.output_bytes(model_dir, config, settings))
-        plan = plan or plan_calibration(model_dir, data, settings)
+        plan = plan or plan_calibration(model_dir, data, settings, uses_loss=statistic.uses_loss)
         with load_calibration(plan, accelerator, **statistic.model_options) as run:
             fields, count = statistic.measure(run, progress=progress)
-            result = record(**fields, **_provenance(run, model, count))
+            result = record(**fields, **_provenance(run, model, count, statistic))
         if run.accelerator.is_main_process:
             result.save(out, claim)
         run.accelerator.wait_for_everyone()

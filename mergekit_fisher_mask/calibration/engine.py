@@ -97,6 +97,7 @@ class CalibrationPass:
     check: Callable[[Any, CalibrationSettings], None] = lambda config, settings: None
     model_options: Dict[str, Any] = field(default_factory=dict)
     output_bytes: Callable[[Path, Any, CalibrationSettings], Optional[int]] = lambda model_dir, config, settings: None
+    uses_loss: bool = True  # False for a forward-only statistic: no estimator, no loss
 
 
 @contextlib.contextmanager
