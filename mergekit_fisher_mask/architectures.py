@@ -230,17 +230,16 @@ def _gated_ffn(gate: str, up: str, down: str) -> dict:
     return {**_linear(gate, Role.UP, 0), **_linear(up, Role.UP, 0), **_linear(down, Role.DOWN, 1)}
 
 
+GRAM_INPUTS = ("attn_in", "attn_out", "ffn_in", "ffn_out")  # the names of RegMean's inputs of a layer
+
+
 def _grams(attention: Tuple[str, ...], out: str, ffn_in: Tuple[str, ...] = (), ffn_out: Optional[str] = None,
            axis: int = 1) -> Dict[str, GramInput]:
-    """RegMean's inputs of a layer: the attention projections' shared input, the attention output projection's,
-    the FFN input projections' shared input and the FFN output projection's (each a module name)."""
+    """RegMean's inputs of a layer (:data:`GRAM_INPUTS`): the attention projections' shared input, the attention
+    output projection's, the FFN input projections' shared input and the FFN output projection's."""
     weights = lambda modules: tuple(f"{module}.weight" for module in modules)  # noqa: E731
-    grams = {"attn_in": GramInput(attention[0], weights(attention), axis), "attn_out": GramInput(out, weights((out,)), axis)}
-    if ffn_in:
-        grams["ffn_in"] = GramInput(ffn_in[0], weights(ffn_in), axis)
-    if ffn_out:
-        grams["ffn_out"] = GramInput(ffn_out, weights((ffn_out,)), axis)
-    return grams
+    found = {"attn_in": attention, "attn_out": (out,), "ffn_in": ffn_in, "ffn_out": (ffn_out,) if ffn_out else ()}
+    return {site: GramInput(modules[0], weights(modules), axis) for site, modules in found.items() if modules}
 
 
 _LLAMA_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")

@@ -24,6 +24,7 @@ from pydantic import (
 )
 from typing_extensions import Annotated
 
+from .architectures import GRAM_INPUTS
 from .errors import SettingsError, option
 from .paths import user_path
 from .tasks import Task
@@ -122,7 +123,6 @@ class GramDtype(str, enum.Enum):
     BFLOAT16 = "bfloat16"
 
 
-GRAM_INPUTS = ("attn_in", "attn_out", "ffn_in", "ffn_out")
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 
 Positive = Annotated[StrictInt, Field(gt=0)]

@@ -262,3 +262,25 @@ def test_a_common_scale_of_every_full_fisher_changes_no_merge(tmp_path, normaliz
     small = merge_state_dicts(states, FISHER, parameters={"fisher": scaled, **parameters})
     for name, value in plain.items():
         torch.testing.assert_close(small[name], value, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_a_version_1_folder_of_0_2_is_still_read_and_checked(model_zoo, text_data, tmp_path):
+    """0.2.0 wrote full-Fisher folders without the node layout (format_version 1): they still merge, checked by
+    model_type and fingerprint (their tensor shapes are checked as they are merged)."""
+    from mergekit_fisher_mask.errors import FisherFileError
+
+    model_dir = model_zoo("bert")
+    out = tmp_path / "full"
+    calibrate_full(str(model_dir), str(text_data), out, CalibrationSettings(samples=4), progress=False)
+    index = json.loads((out / INDEX_NAME).read_text())
+    meta = {k: v for k, v in index["metadata"].items() if k in ("format", "model_type", "fingerprint", "model",
+                                                                "samples", "estimator", "loss", "dtype", "data",
+                                                                "l2_norm")}
+    (out / INDEX_NAME).write_text(json.dumps({"metadata": {**meta, "format_version": "1"},
+                                              "weight_map": index["weight_map"]}))
+    old = FullFisher.read(out)
+    assert old.shape is None and old.model_type == "bert" and old.samples == 4
+    config = AutoModelForSequenceClassification.from_pretrained(model_dir).config
+    old.check_matches_model(config, old.fingerprint, where="old")
+    with pytest.raises(FisherFileError, match="measured on a different model"):
+        old.check_matches_model(config, "st:other", where="old")
