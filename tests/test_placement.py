@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -131,3 +132,16 @@ def test_each_process_gets_its_own_share_of_the_gpus(monkeypatch):
     monkeypatch.setattr(placement, "free_memory", lambda device: None)
     with pytest.raises(SettingsError, match="free memory of device 2 is unknown"):
         placement._process_max_memory(settings, SimpleNamespace(num_processes=2, local_process_index=1))
+
+
+def test_gpu_budgets_follow_the_free_memory(monkeypatch):
+    """On an accelerator, micro-batches and LM-loss chunks are sized from the memory really free; on a CPU, fixed."""
+    placement_module = importlib.import_module("mergekit_fisher_mask.calibration.placement")
+    monkeypatch.setattr(placement_module, "free_memory", lambda device: 40 * 2**30)
+    gpu = Placement(torch.device("cuda", 0))
+    assert gpu.activation_budget() == int(0.6 * 40 * 2**30)
+    assert gpu.logits_chunk() == 2**30  # 5% of 40 GiB, capped at 1 GiB
+    monkeypatch.setattr(placement_module, "free_memory", lambda device: 512 * 2**20)
+    assert Placement(torch.device("cuda", 0)).logits_chunk() == 64 * 2**20  # never below the CPU's chunk
+    cpu = Placement(torch.device("cpu"))
+    assert cpu.activation_budget() == 2**30 and cpu.logits_chunk() == 64 * 2**20

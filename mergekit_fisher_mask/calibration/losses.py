@@ -62,10 +62,13 @@ def classification_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
     return F.cross_entropy(logits, labels, reduction="none")
 
 
-def per_example_losses(model, batch: Batch, task: Task, sampler: Optional["LabelSampler"] = None) -> torch.Tensor:
-    """(B,) losses of the model's own head; with ``sampler``, against labels drawn from the model itself."""
+def per_example_losses(
+    model, batch: Batch, task: Task, sampler: Optional["LabelSampler"] = None, *, lm_chunk_bytes: Optional[int] = None
+) -> torch.Tensor:
+    """(B,) losses of the model's own head; with ``sampler``, against labels drawn from the model itself. A causal
+    LM's loss is computed over chunks of at most ``lm_chunk_bytes`` of logits (default: 64 MiB)."""
     if task == Task.CAUSAL_LM:
-        return causal_lm_losses(model, batch, sampler=sampler)
+        return causal_lm_losses(model, batch, sampler=sampler, chunk_bytes=lm_chunk_bytes or LM_CHUNK_BYTES)
     if task == Task.TOKEN_CLASSIFICATION:
         logits = model(**model_inputs(batch)).logits.float()  # (B, T, C)
         return _mean_token_losses(logits, batch["labels"], sampler)

@@ -81,9 +81,10 @@ class _MaskStep:
     """One batch of the mask pass: micro-batches, fresh masks, one backward each, per-group sums."""
 
     def __init__(self, model, nodes: MaskNodes, task: Task, estimator: Estimator, forward_fn, seed: int, micro,
-                 aggregate: Aggregate = Aggregate.MEAN):
+                 aggregate: Aggregate = Aggregate.MEAN, lm_chunk_bytes: Optional[int] = None):
         self.model, self.nodes, self.task, self.estimator, self.aggregate = model, nodes, task, estimator, aggregate
         self.forward_fn, self.sampler, self.micro = forward_fn, LabelSampler(seed), micro
+        self.lm_chunk_bytes = lm_chunk_bytes
         self.sums = GroupSums(nodes.shape.group_shapes())
 
     def __call__(self, batch: Batch) -> None:
@@ -129,7 +130,7 @@ class _MaskStep:
         if self.forward_fn is not None:
             return self.forward_fn(self.model, batch)
         sampler = self.sampler if self.estimator == Estimator.SAMPLED else None
-        return per_example_losses(self.model, batch, self.task, sampler)
+        return per_example_losses(self.model, batch, self.task, sampler, lm_chunk_bytes=self.lm_chunk_bytes)
 
 
 def micro_batch_sizer(
@@ -189,7 +190,7 @@ def compute_mask_fisher(
     layers = all_layers(model, context.spec)
     with MaskNodes(model, context.spec, context.shape) as nodes, checkpointed(layers, context.placement.checkpointing):
         step = _MaskStep(model, nodes, context.task, settings.estimator, forward_fn, settings.seed, micro,
-                         settings.aggregate)
+                         settings.aggregate, context.placement.logits_chunk())
         sums, count = run_pass(model, dataloader, step, step.sums.gather, context=context, accelerator=accelerator,
                                description="Mask Fisher", progress=progress)
     return {key: value.float() for key, value in sums.items()}, count

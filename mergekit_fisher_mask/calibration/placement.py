@@ -31,6 +31,9 @@ LOG = logging.getLogger(__name__)
 
 CPU_ACTIVATION_BUDGET = 1 << 30  # bytes of saved activations per backward pass on a CPU
 GPU_FREE_FRACTION = 0.6  # of the memory free on a GPU after loading, the share activations may take
+CPU_LOGITS_CHUNK = 64 << 20  # bytes of float32 logits an LM-loss chunk may hold on a CPU
+GPU_LOGITS_FRACTION = 0.05  # on a GPU: this share of the free memory, between the CPU's chunk and 1 GiB
+GPU_LOGITS_CHUNK_MAX = 1 << 30
 _OFFLOADED = ("cpu", "disk")
 
 
@@ -66,14 +69,24 @@ class Placement:
         places = {str(place) for place in (self.device_map or {}).values()}
         return "disk" in places or ("cpu" in places and self.input_device.type != "cpu")
 
+    def _free_accelerator_memory(self) -> Optional[int]:
+        """Bytes free on the tightest execution accelerator (None on a CPU, or where the backend cannot tell)."""
+        devices = [d for d in self.execution_devices or (self.input_device,) if d.type not in ("cpu", "meta")]
+        free = [free_memory(d) for d in devices]
+        return None if not devices or None in free else min(free)
+
     def activation_budget(self) -> int:
         """Bytes of saved activations one micro-batch may hold: a share of the memory really free on the tightest
         execution GPU, or a fixed budget on a CPU."""
-        devices = [d for d in self.execution_devices or (self.input_device,) if d.type not in ("cpu", "meta")]
-        free = [free_memory(d) for d in devices]
-        if not devices or None in free:
-            return CPU_ACTIVATION_BUDGET
-        return int(GPU_FREE_FRACTION * min(free))
+        free = self._free_accelerator_memory()
+        return CPU_ACTIVATION_BUDGET if free is None else int(GPU_FREE_FRACTION * free)
+
+    def logits_chunk(self) -> int:
+        """Bytes of float32 logits one chunk of the LM loss may hold: on a GPU, larger chunks mean fewer, larger
+        kernels over the vocabulary (the CPU's 64 MiB would be 25 chunks of 21 tokens for 16 x 512 at 49k vocab)."""
+        free = self._free_accelerator_memory()
+        return CPU_LOGITS_CHUNK if free is None else int(min(max(GPU_LOGITS_FRACTION * free, CPU_LOGITS_CHUNK),
+                                                             GPU_LOGITS_CHUNK_MAX))
 
 
 def accelerator_type() -> Optional[str]:
