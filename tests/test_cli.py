@@ -105,6 +105,8 @@ def test_classifiers_with_different_num_labels_take_head_from_base(model_zoo, tm
     invoke("merge", recipe, out, "--fisher-cache", cache)
     merged = load("bert", out)
     assert merged.config.num_labels == 2
+    # mergekit merged under the plugin's head-free definition; the output names the real architecture again.
+    assert json.loads((out / "config.json").read_text())["architectures"] == ["BertForSequenceClassification"]
     base = state(two)
     for name in ("classifier.weight", "classifier.bias"):
         assert torch.equal(state(out)[name], base[name])
