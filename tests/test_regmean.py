@@ -279,3 +279,19 @@ def test_grams_need_no_labels_and_record_a_forward_statistic(model_zoo, tmp_path
     data = write_jsonl(tmp_path / "unlabelled.jsonl", [{"text": "w1 w2 w3"}, {"text": "w4 w5"}] * 4)
     grams = calibrate_gram(str(model_zoo("bert")), str(data), tmp_path / "g", SETTINGS, progress=False)
     assert grams.estimator == "forward" and grams.loss == "" and grams.samples == 8
+
+
+def test_scale_multiplies_the_change_from_the_base(llamas, tmp_path):
+    from conftest import build_model
+
+    models, states = llamas
+    base = floats(build_model("llama", seed=9))
+    paths = [write_grams(tmp_path, m, f"g{k}", seed=k)[0] for k, m in enumerate(models)]
+    parameters = {"gram": {"base": None, "a": paths[0], "b": paths[1]}}
+    inputs = {"base": base, "a": states[0], "b": states[1]}
+    plain = merge_state_dicts(inputs, REGMEAN, base="base", parameters=parameters)
+    scaled = merge_state_dicts(inputs, REGMEAN, base="base", parameters={**parameters, "scale": 1.5})
+    for name in plain:
+        torch.testing.assert_close(scaled[name], base[name] + 1.5 * (plain[name] - base[name]), rtol=1e-5, atol=1e-6)
+    with pytest.raises(FisherMaskError, match="scale multiplies the merge's change from the base model"):
+        merge_state_dicts(states, REGMEAN, parameters={"gram": paths, "scale": 1.5})

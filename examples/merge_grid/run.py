@@ -82,6 +82,16 @@ METHODS: List[Method] = [
     Method("fisher_mask, sparsify magnitude 0.5", "fisher_mask", {"sparsify": "magnitude", "density": 0.5}, "mask",
            uses_base=True),
     *[Method(f"regmean (alpha {a})", "regmean", {"alpha": a}, "gram") for a in (0.5, 0.9, 1.0)],
+    # Candidates for a merge that beats every tuned data-free row (issue: directions worth measuring).
+    Method("fisher_mask, sparsify magnitude 0.3", "fisher_mask", {"sparsify": "magnitude", "density": 0.3}, "mask",
+           uses_base=True),
+    Method("fisher_mask, task vectors, scale 1.4", "fisher_mask",
+           {"sparsify": "magnitude", "density": 1.0, "consensus": False, "scale": 1.4}, "mask", uses_base=True),
+    Method("fisher_mask, soft magnitude p=1, scale 1.4", "fisher_mask",
+           {"sparsify": "magnitude", "density": 1.0, "consensus": False, "magnitude_power": 1.0, "scale": 1.4},
+           "mask", uses_base=True),
+    *[Method(f"regmean (alpha 0.9), scale {s}", "regmean", {"alpha": 0.9, "scale": s}, "gram", uses_base=True)
+      for s in (1.2, 1.4)],
 ]
 ABLATION_GROUPS = ("embeddings", "attention", "ffn", "norms and biases")
 

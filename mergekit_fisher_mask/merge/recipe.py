@@ -40,7 +40,8 @@ _MODEL_KEYS = {"model", "parameters"}
 _SLICE_SOURCE_KEYS = {"model", "parameters", "layer_range"}
 _SLICE_KEYS = {"sources", "base_model", "residual_weight", "parameters"}
 # Shared parameters of fisher_mask that merge task vectors over the base model: they need an explicit base_model.
-_NEEDS_BASE = {"sparsify": lambda value: value not in (None, "none"), "uncovered": lambda value: value == "base"}
+_NEEDS_BASE = {"sparsify": lambda value: value not in (None, "none"), "uncovered": lambda value: value == "base",
+               "nonlinear": lambda value: value == "base", "scale": lambda value: value != 1}
 
 Location = Tuple[Any, ...]  # path of a model entry in the recipe: ("models", i) or ("slices", i, "sources", j)
 

@@ -13,7 +13,8 @@ explicit inverse, in float64 for inputs up to 4096 wide (float32 beyond), on the
 A sum that is singular even with the ridge is solved with a larger one, and the log says so.
 
 Tensors that are not linear-layer weights with a Gram (embeddings, norms, biases, routers, routed experts) are
-merged by ``nonlinear``: the ``l``-weighted mean (the paper's rule) or the base model's tensor.
+merged by ``nonlinear``: the ``l``-weighted mean (the paper's rule) or the base model's tensor. ``scale`` (with a
+base model) multiplies the merge's change from the base, as task arithmetic's lambda does.
 """
 
 from __future__ import annotations
@@ -125,9 +126,22 @@ def regmean_merge(
     alpha: Annotated[float, Field(ge=0, le=1)] = 0.9,
     ridge: Annotated[float, Field(ge=0)] = 1e-4,
     nonlinear: Nonlinear = Nonlinear.AVERAGE,
+    scale: Annotated[float, Field(gt=0)] = 1.0,
 ) -> torch.Tensor:
-    """Merge one tensor: RegMean's least-squares solution for a linear weight with a Gram, else ``nonlinear``."""
+    """Merge one tensor: RegMean's least-squares solution for a linear weight with a Gram, else ``nonlinear``; with
+    ``scale``, the merge's change from the base model is multiplied by it (as task arithmetic's lambda, times K)."""
     name = group.metadata.name or "<unnamed tensor>"
+    if scale != 1.0 and group.base is None:
+        raise FisherMaskError("regmean: scale multiplies the merge's change from the base model; it needs a base_model.")
+    merged = _regmean_tensor(group, name, weight, gram, alpha, ridge, nonlinear)
+    if scale != 1.0:
+        base = group.base.tensor.to(merged.dtype)
+        merged = base + scale * (merged - base)
+    return merged
+
+
+def _regmean_tensor(group: TensorGroup, name: str, weight, gram, alpha: float, ridge: float,
+                    nonlinear: Nonlinear) -> torch.Tensor:
     entries = members(group, gram, "regmean", "gram")
     lambdas = positive_lambdas(entries, weight, "regmean", name)
     records = [gram_stats(gram[entry.id]) for entry in entries]
