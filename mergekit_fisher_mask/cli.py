@@ -65,10 +65,14 @@ def calibrate(model, data, out, full, gram, overwrite, settings: CalibrationSett
     record = FullFisher if full else GramStats if gram else MaskFisher
     result = measure_statistic(record, model, data, out, settings, overwrite=overwrite, progress=not quiet)
     if PartialState().is_main_process:
-        contents = (f"{len(result.tensors)} tensors" if full else f"{len(result.inputs)} Gram matrices" if gram else
-                    ", ".join(f"{key} {tuple(value.shape)}" for key, value in result.groups.items()))
-        click.echo(f"Wrote {out}: {record.DESCRIPTION.removeprefix('a ')} of {result.samples} samples, estimator "
-                   f"{result.estimator}, loss {result.loss}, dtype {result.dtype}, {contents}", err=True)
+        if gram:
+            how = f"{len(result.inputs)} Gram matrices stored in {result.gram_dtype}"
+        else:
+            contents = (f"{len(result.tensors)} tensors" if full else
+                        ", ".join(f"{key} {tuple(value.shape)}" for key, value in result.groups.items()))
+            how = f"estimator {result.estimator}, loss {result.loss}, {contents}"
+        click.echo(f"Wrote {out}: {record.DESCRIPTION.removeprefix('a ')} of {result.samples} samples, weights in "
+                   f"{result.dtype}, {how}", err=True)
 
 
 @main.command(cls=PrettyPrintHelp)

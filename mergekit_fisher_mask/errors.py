@@ -45,7 +45,7 @@ class OutputPathError(FisherMaskError):
 # sets this for the duration of a command (:func:`command_line`); everything else is a Python call.
 _ON_COMMAND_LINE: ContextVar[bool] = ContextVar("on_command_line", default=False)
 # Python parameter -> command-line spelling, where the two differ.
-_CLI_NAMES = {"cache_dir": "--fisher-cache", "output": "OUT_PATH", "task_heads": "--heads"}
+_CLI_NAMES = {"cache_dir": "--fisher-cache", "output": "OUT_PATH", "task_heads": "--task-heads"}
 
 
 @contextlib.contextmanager

@@ -83,24 +83,53 @@ def written_files(folder: Path) -> List[str]:
     return sorted(p.relative_to(folder).as_posix() for p in Path(folder).rglob("*") if not p.is_dir())
 
 
+_HASHED_UP_TO = 16 << 20  # files of a merge up to this size are recorded with their SHA-256, larger ones by size
+
+
+def file_record(path: Path) -> Dict[str, object]:
+    """What a manifest records about a file this tool wrote, to tell later whether the user changed it."""
+    size = path.stat().st_size
+    record: Dict[str, object] = {"size": size}
+    if size <= _HASHED_UP_TO:
+        record["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return record
+
+
+def _changed(path: Path, recorded: Optional[Mapping]) -> bool:
+    """Whether a listed file differs from what its manifest recorded (unknown: unchanged)."""
+    if not recorded:
+        return False
+    if path.stat().st_size != recorded.get("size"):
+        return True
+    return "sha256" in recorded and hashlib.sha256(path.read_bytes()).hexdigest() != recorded["sha256"]
+
+
 @dataclass(frozen=True)
 class OutputKind:
     """A kind of output this tool writes, and how to recognise one it wrote.
 
     ``listed(path)`` returns the files this tool wrote there, from the output's own manifest (``None``: no manifest,
-    so nothing there is vouched for). A single file's ``listed`` returns ``{""}`` when the file is this tool's.
+    so nothing there is vouched for), each with what the manifest recorded about it (its size and hash, or None). A
+    single file's ``listed`` returns ``{""}`` when the file is this tool's.
     """
 
     what: str  # "a previous merge", "a mask-Fisher file", ...
     folder: bool
-    listed: Callable[[Path], Optional[set]]
+    listed: Callable[[Path], Optional[Mapping]]
 
     def foreign(self, path: Path) -> Optional[List[str]]:
-        """Files in a folder output that its manifest does not list; None if it has no manifest."""
+        """Files in a folder output that its manifest does not list, or that changed since it was written (marked
+        "(changed)"); None if it has no manifest."""
         listed = self.listed(path)
         if listed is None:
             return None
-        return [name for name in written_files(path) if name not in listed]
+        found = []
+        for name in written_files(path):
+            if name not in listed:
+                found.append(name)
+            elif isinstance(listed, Mapping) and _changed(Path(path) / name, listed[name]):
+                found.append(f"{name} (changed since it was written)")
+        return found
 
     def is_ours(self, path: Path) -> bool:
         """Whether ``path`` is such an output, written by this tool and holding nothing the user added."""
@@ -109,12 +138,17 @@ class OutputKind:
         return Path(path).is_dir() and self.foreign(path) == []
 
 
-def _merge_manifest(folder: Path) -> Optional[set]:
+def _merge_manifest(folder: Path) -> Optional[Mapping]:
+    """The files a merge's marker lists: ``{name: {size, sha256}}`` (0.3), or names only (0.2's list)."""
     try:
         files = json.loads((Path(folder) / MARKER).read_text()).get("files")
     except (OSError, ValueError, AttributeError):  # no marker, or one that is not ours
         return None
-    return {*files, MARKER} if isinstance(files, list) and all(isinstance(f, str) for f in files) else None
+    if isinstance(files, dict) and all(isinstance(v, dict) for v in files.values()):
+        return {**files, MARKER: None}
+    if isinstance(files, list) and all(isinstance(f, str) for f in files):
+        return dict.fromkeys([*files, MARKER])
+    return None
 
 
 def _png(path: Path) -> Optional[set]:
@@ -507,18 +541,36 @@ def save_figure(figure, path: Path, *, dpi: int) -> None:
 
 
 def write_marker(staging: Path, record: dict) -> None:
-    """Write the merge marker last: ``record`` plus the list of every file the merge wrote."""
-    write_json(staging / MARKER, {**record, "files": written_files(staging)})
+    """Write the merge marker last: ``record`` plus every file the merge wrote, with its size (and SHA-256 up to
+    16 MB), so that a later ``--overwrite`` can tell the user's edits and additions from the merge's files."""
+    files = {name: file_record(staging / name) for name in written_files(staging)}
+    write_json(staging / MARKER, {**record, "files": files})
+
+
+def check_scratch_folder(folder, *, inputs: Mapping[str, Path], name: str) -> None:
+    """Refuse, before any work, a folder given for scratch files (``--offload-folder``) that is a file, lies under a
+    file, overlaps an input or the output, or cannot take files."""
+    folder = Path(folder)
+    if os.path.lexists(folder) and not folder.is_dir():
+        raise OutputPathError(f"The {subject(name)} {folder} is a file; give a folder (this run makes its own folder "
+                              "inside it and removes it afterwards).")
+    check_no_overlap(folder, inputs, name=name)
+    check_writable(folder / "probe", name=name)
 
 
 @contextlib.contextmanager
 def private_folder(parent) -> Iterator[Path]:
-    """A folder of this process's own inside the user's folder ``parent`` (created if needed), removed on exit;
-    the user's folder and anything else in it are left alone."""
+    """A folder of this process's own inside the user's folder ``parent``, removed on exit; ``parent`` is created if
+    it is missing and then removed too if it is left empty. The user's files in it are left alone."""
+    parent = Path(parent)
+    created = [p for p in [parent, *parent.parents] if not os.path.lexists(p)]
     with disk_errors(parent):
-        Path(parent).mkdir(parents=True, exist_ok=True)
+        parent.mkdir(parents=True, exist_ok=True)
         folder = Path(tempfile.mkdtemp(prefix="mergekit-fisher-offload-", dir=parent))
     try:
         yield folder
     finally:
         _remove(folder)
+        for made in created:  # innermost first; only folders this call made, and only if empty
+            with contextlib.suppress(OSError):
+                made.rmdir()

@@ -18,6 +18,7 @@ from typing import Dict
 
 from .architectures import ARCHITECTURES, get_architecture
 from .cache import InputModel, cache_key, calibrate_missing, default_cache_dir
+from .calibration.placement import check_device_available
 from .checkpoints import check_weights, has_tokenizer, load_config, resolve_model_dir, weight_bytes
 from .errors import RecipeError
 from .merge.mergekit_definitions import without_weights
@@ -29,6 +30,7 @@ from .outputs import (
     MERGE_OUTPUT,
     OutputClaim,
     check_no_overlap,
+    check_scratch_folder,
     claim_output,
     foreign_files,
     is_merge_output,
@@ -89,12 +91,17 @@ def _claim_output(out: Path, recipe: Recipe, inputs: Dict[str, InputModel], cach
             protected[f"the calibration data of {request.model!r},"] = Path(request.data)
     base = inputs[recipe.base_model]
     size = weight_bytes(base.directory, merge_config.out_dtype or merge_config.dtype)
-    return claim_output(out, MERGE_OUTPUT, overwrite=overwrite, inputs=protected, name="output", needed_bytes=size)
+    claim = claim_output(out, MERGE_OUTPUT, overwrite=overwrite, inputs=protected, name="output", needed_bytes=size)
+    for request in recipe.calibrations:  # scratch folders for offloaded weights: never in an input or the output
+        if request.settings.offload_folder:
+            check_scratch_folder(request.settings.offload_folder, inputs={**protected, "the output": out},
+                                 name="offload_folder")
+    return claim
 
 
 def _check_statistics(recipe: Recipe, inputs: Dict[str, InputModel], verify_fingerprint: bool) -> Dict[str, dict]:
     """Read every model's statistic file and check it against that model; return provenance for the model card."""
-    plugin, provenance = recipe.plugin, {}
+    plugin, provenance, records = recipe.plugin, {}, {}
     for location in recipe.model_locations():
         reference = str(recipe.entry(location)["model"])
         path = recipe.statistic_path(location)
@@ -102,9 +109,11 @@ def _check_statistics(recipe: Recipe, inputs: Dict[str, InputModel], verify_fing
             continue  # the kernel reports models without a file, with mergekit's view of the recipe
         model = inputs[reference]
         record = plugin.statistic.read(path)
-        record.check_matches_model(model.config, model.fingerprint if verify_fingerprint else None,
-                                   where=f"{plugin.statistic.DESCRIPTION} {path} (model {reference})")
-        provenance[reference] = record.card_row(path)
+        where = f"{plugin.statistic.DESCRIPTION} {path} (model {reference})"
+        record.check_matches_model(model.config, model.fingerprint if verify_fingerprint else None, where=where)
+        provenance[reference], records[where] = record.card_row(path), record
+    if len(records) > 1:
+        plugin.statistic.check_compatible(records)
     return provenance
 
 
@@ -122,6 +131,8 @@ def run_fisher_merge(
     from mergekit.merge import run_merge
 
     out = user_path(out_path)
+    if merge_options.device:  # mergekit's --cuda / --device: a device this machine has
+        check_device_available(merge_options.device, name="cuda" if merge_options.cuda else "device")
     recipe = load_recipe(recipe_path)
     if not recipe.model_locations():
         raise RecipeError(f"{recipe.path}: the recipe names no models.")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 import functools
 import json
-from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union, get_args, get_origin
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union, get_args, get_origin
 
 import click
 from pydantic import (
@@ -129,6 +129,9 @@ Positive = Annotated[StrictInt, Field(gt=0)]
 # Fields marked like this only decide where and in what pieces the work runs; the result does not depend on them
 # beyond float round-off, so they are left out of the calibration cache key.
 _PLACEMENT = {"placement": True}
+# Fields marked like this are read by some statistics' passes only (each pass lists them in ``reads``): a value other
+# than the default for a statistic whose pass does not read it is a mistake, refused before any work.
+_PASS_SPECIFIC = {"pass_specific": True}
 
 
 class CalibrationSettings(BaseModel):
@@ -141,11 +144,14 @@ class CalibrationSettings(BaseModel):
     max_length: Positive = Field(
         256, description="Truncate examples to this many tokens (capped at the model's position limit)."
     )
-    estimator: Estimator = Field(Estimator.EMPIRICAL, description="How the Fisher is estimated.")
+    estimator: Estimator = Field(
+        Estimator.EMPIRICAL, description="How the Fisher is estimated.", json_schema_extra=_PASS_SPECIFIC
+    )
     aggregate: Aggregate = Field(
         Aggregate.MEAN,
         description="mean: the Fisher; normalized: each example's squared gradients scaled to sum 1 first (robust to "
         "a few badly fitted examples; empirical and sampled estimators).",
+        json_schema_extra=_PASS_SPECIFIC,
     )
     seed: Annotated[StrictInt, Field(ge=0)] = Field(0, description="Seed for shuffling the data and for sampled labels.")
     text_columns: Optional[Tuple[str, ...]] = Field(
@@ -172,7 +178,7 @@ class CalibrationSettings(BaseModel):
     chunk_size: Positive = Field(
         8,
         description="Full Fisher only: examples whose per-example gradients are held at once (memory ~ chunk x model).",
-        json_schema_extra=_PLACEMENT,
+        json_schema_extra={**_PLACEMENT, **_PASS_SPECIFIC},
     )
     device_map: Optional[str] = Field(
         None,
@@ -192,9 +198,12 @@ class CalibrationSettings(BaseModel):
         None,
         description="RegMean (--gram) only: the inputs that get a Gram matrix, among attn_in, attn_out, ffn_in, "
         "ffn_out (give once per input) [default: every input the family has].",
+        json_schema_extra=_PASS_SPECIFIC,
     )
     gram_dtype: GramDtype = Field(
-        GramDtype.FLOAT32, description="RegMean (--gram) only: storage dtype of the Gram matrices (summed in float32)."
+        GramDtype.FLOAT32,
+        description="RegMean (--gram) only: storage dtype of the Gram matrices (summed in float32).",
+        json_schema_extra=_PASS_SPECIFIC,
     )
 
     @field_validator("gram_inputs", mode="before")
@@ -262,6 +271,14 @@ class CalibrationSettings(BaseModel):
         if not isinstance(mapping, dict):
             raise SettingsError(f"device_map file {self.device_map} must hold a mapping of module names to devices.")
         return mapping
+
+    def unread_settings(self, reads: Iterable[str]) -> List[str]:
+        """The pass-specific settings given a value other than their default that a pass reading only ``reads``
+        would ignore."""
+        reads = set(reads)
+        return [name for name, field in type(self).model_fields.items()
+                if (field.json_schema_extra or {}).get("pass_specific") and name not in reads
+                and getattr(self, name) != field.default]
 
     def result_fields(self) -> Dict[str, Any]:
         """The settings a calibration's result depends on (placement left out; batch size only for ``batch``)."""

@@ -59,6 +59,7 @@ def test_old_names_import_from_their_old_modules(module, names):
 
 def test_old_and_new_calibration_paths_are_one_module_and_calibrate_stays_the_function():
     from mergekit_fisher_mask.calibrate.data import select_examples as old  # the 0.2 README's form
+
     from mergekit_fisher_mask.calibration.data import select_examples as new
 
     assert old is new
@@ -66,6 +67,7 @@ def test_old_and_new_calibration_paths_are_one_module_and_calibrate_stays_the_fu
         "mergekit_fisher_mask.calibration.data")
     assert callable(mergekit_fisher_mask.calibrate) and mergekit_fisher_mask.calibrate.__name__ == "calibrate"
     from mergekit_fisher_mask.calibrate import Placement
+
     from mergekit_fisher_mask.calibration import Placement as NewPlacement
 
     assert Placement is NewPlacement

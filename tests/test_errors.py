@@ -213,7 +213,7 @@ def test_calibration_keys_only_for_fisher_mask(fishers, tmp_path, text_data):
     models, _ = fishers
     body = {
         "merge_method": "linear", "base_model": str(models[0]),
-        "models": [{"model": str(m), "parameters": {"calibration_data": str(text_data)}} for m in models],
+        "models": [{"model": str(m), "parameters": {"weight": 1.0, "calibration_data": str(text_data)}} for m in models],
     }
     path = tmp_path / "recipe.yml"
     path.write_text(json.dumps(body))

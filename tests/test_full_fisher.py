@@ -15,7 +15,6 @@ from mergekit.merge_methods import merge_state_dicts
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-import mergekit_fisher_mask.files.full as full_fisher
 from mergekit_fisher_mask import FISHER, CalibrationSettings, FullFisher, NodeShape, calibrate_full
 from mergekit_fisher_mask.calibration.data import select_examples
 from mergekit_fisher_mask.checkpoints import shard_map
@@ -137,9 +136,11 @@ def test_fisher_merge_matches_formula(tmp_path, normalize, floor):
     for name, out in merged.items():
         if not out.is_floating_point():
             continue
-        # The floor is relative to each model's own L2 norm; an entry zero in every model takes the lambda mean.
-        weights = [l * f[name].double().clamp_min(floor * n) / (n if normalize else 1)
-                   for l, (_, f), n in zip(lambdas, fishers, norms)]
+        # One floor for every model: fisher_floor times the mean norm of the (normalized) Fishers; an entry zero in
+        # every model takes the lambda mean.
+        used = [f[name].double() / (n if normalize else 1) for (_, f), n in zip(fishers, norms)]
+        common = floor * (1.0 if normalize else sum(norms) / len(norms))
+        weights = [l * u.clamp_min(common) for l, u in zip(lambdas, used)]
         total = sum(weights)
         weights = [torch.where(total == 0, torch.tensor(l, dtype=torch.float64), w) for l, w in zip(lambdas, weights)]
         expected = sum(w * m.state_dict()[name] for w, m in zip(weights, models)) / sum(weights)
@@ -186,7 +187,9 @@ def test_fisher_kernel_reads_only_the_tensor_it_merges(tmp_path, monkeypatch):
     models = [build_model("bert", seed=s) for s in range(2)]
     fishers = make_full_fishers(tmp_path, models)
     reads = []
-    real_safe_open = full_fisher.safe_open
+    import mergekit_fisher_mask.files.base as sharded  # the one reader of every statistic folder
+
+    real_safe_open = sharded.safe_open
 
     class RecordingHandle:
         def __init__(self, handle):
@@ -206,7 +209,7 @@ def test_fisher_kernel_reads_only_the_tensor_it_merges(tmp_path, monkeypatch):
         def keys(self):
             raise AssertionError("the kernel must not enumerate a Fisher shard")
 
-    monkeypatch.setattr(full_fisher, "safe_open", lambda *a, **k: RecordingHandle(real_safe_open(*a, **k)))
+    monkeypatch.setattr(sharded, "safe_open", lambda *a, **k: RecordingHandle(real_safe_open(*a, **k)))
     monkeypatch.setattr("safetensors.torch.load_file", lambda *a, **k: pytest.fail("whole-file load"))
     state = [m.state_dict() for m in models]
     name = "bert.encoder.layer.1.intermediate.dense.weight"

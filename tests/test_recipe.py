@@ -83,7 +83,7 @@ def test_the_recipe_is_immutable(tmp_path):
         ({"models": two_models()}, "a recipe is a mapping with at least `merge_method`"),
         ({"merge_method": "fisher_mask", "models": two_models(), "calibraton": {}}, r"unknown key\(s\) 'calibraton'"),
         ({"merge_method": "nope", "models": two_models()}, "unknown merge_method 'nope'"),
-        ({"merge_method": "fisher_mask", "models": two_models(scheme="papr")}, "parameters: scheme: Input should be 'nodes' or 'paper', got 'papr'"),
+        ({"merge_method": "fisher_mask", "models": two_models(), "parameters": {"scheme": "papr"}}, "parameters: scheme: Input should be 'nodes' or 'paper', got 'papr'"),
         ({"merge_method": "fisher_mask", "models": two_models(calibration_data={"samples": 3})}, "needs a `data` key"),
         ({"merge_method": "fisher_mask", "models": two_models(calibration_data="d", fisher="f")}, "not both"),
         ({"merge_method": "fisher_mask", "models": two_models(calibration_data="d"), "calibration": {"seed": -1}},
@@ -102,5 +102,5 @@ def test_malformed_recipes(tmp_path, body, match):
 
 def test_the_same_model_in_two_slices_is_fine(tmp_path):
     slice_ = {"sources": [{"model": "org/a", "layer_range": [0, 1]}, {"model": "org/b", "layer_range": [0, 1]}]}
-    recipe = load_recipe(write(tmp_path, {"merge_method": "linear", "slices": [slice_, slice_]}))
+    recipe = load_recipe(write(tmp_path, {"merge_method": "linear", "slices": [slice_, slice_], "parameters": {"weight": 1.0}}))
     assert recipe.model_references() == ["org/a", "org/b", "org/a", "org/b"]

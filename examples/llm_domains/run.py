@@ -37,6 +37,7 @@ import math
 import os
 import platform
 import random
+import shlex
 import statistics
 import sys
 import time
@@ -480,7 +481,7 @@ def main(argv=None) -> int:
     parser.add_argument("--pilot", action="store_true", help="linear only; append to results/pilot_<base>.*")
     args = parser.parse_args(argv)
     args.work = args.cache.resolve() / "llm_domains" / args.base
-    rows = [r for r in METHODS if r.name == "linear"] if args.pilot else [r for r in METHODS if r.name in args.methods]
+    rows = [r for r in METHODS if r.name == "linear" or (r.name in args.methods and not args.pilot)]
     started = time.time()
     base = BASES[args.base](args.cache.resolve())
     text_dir = assets.build_text(args.cache.resolve(), args.domains)
@@ -516,7 +517,7 @@ def main(argv=None) -> int:
     combos = summary["combinations"]
     report = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, CPU only",
-        "command": "nice -n 10 python examples/llm_domains/run.py " + " ".join(
+        "command": "nice -n 10 python examples/llm_domains/run.py " + shlex.join(
             argv if argv is not None else sys.argv[1:]),
         "base": args.base, "domains": args.domains,
         "training": {"steps": args.steps, "batch": args.batch, "lr": args.lr, "per_seed": training},

@@ -23,9 +23,9 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 from ..architectures import ArchitectureSpec, NodeShape, get_architecture
 from ..checkpoints import has_tokenizer, load_config, model_fingerprint, resolve_model_dir
-from ..errors import ModelLoadError, SettingsError, option
+from ..errors import ModelLoadError, SettingsError, option, subject
 from ..files import FullFisher, GramStats, MaskFisher, Measured
-from ..outputs import claim_output, private_folder
+from ..outputs import check_scratch_folder, claim_output, private_folder
 from ..paths import PathLike, user_path
 from ..settings import CalibrationSettings, check_estimator, make_settings
 from ..tasks import Task, task_of
@@ -34,7 +34,7 @@ from .engine import CalibrationPass, PreparedCalibration
 from .full_pass import PASS as FULL_PASS
 from .gram_pass import PASS as GRAM_PASS
 from .mask_pass import PASS as MASK_PASS
-from .placement import accelerator_type, load_model
+from .placement import accelerator_type, check_device_map, load_model
 
 LOG = logging.getLogger(__name__)
 
@@ -140,6 +140,8 @@ def plan_calibration(
     if uses_loss:
         check_estimator(settings.estimator, task)
         _check_columns_apply(settings, task, where)
+    if settings.device_map:
+        check_device_map(settings)
     examples = select_examples(
         data,
         samples=settings.samples,
@@ -182,6 +184,8 @@ def load_calibration(plan: CalibrationPlan, accelerator=None, **model_options) -
     try:
         offload = None
         if settings.offload_folder:
+            check_scratch_folder(settings.offload_folder, inputs={"the model folder": plan.model_dir},
+                                 name="offload_folder")
             offload = resources.enter_context(private_folder(Path(settings.offload_folder)))
         net = load_model(plan.model_dir, plan.config, settings, accelerator, offload_folder=offload, **model_options)
     except BaseException:
@@ -203,7 +207,10 @@ def placed_model(model: PathLike, settings: SettingsLike = None, accelerator=Non
     model_dir = resolve_model_dir(model)
     config = load_config(model_dir)
     with contextlib.ExitStack() as resources:
-        offload = resources.enter_context(private_folder(Path(settings.offload_folder))) if settings.offload_folder else None
+        offload = None
+        if settings.offload_folder:
+            check_scratch_folder(settings.offload_folder, inputs={"the model folder": model_dir}, name="offload_folder")
+            offload = resources.enter_context(private_folder(Path(settings.offload_folder)))
         yield load_model(model_dir, config, settings, accelerator, offload_folder=offload, **model_options)
 
 
@@ -251,6 +258,19 @@ def _provenance(run: PreparedCalibration, model, count: int, statistic: Calibrat
     }
 
 
+def check_settings_apply(settings: CalibrationSettings, record: type) -> None:
+    """Refuse pass-specific settings (say ``gram_inputs``) given for a statistic whose pass does not read them."""
+    unread = settings.unread_settings(PASSES[record].reads)
+    if unread:
+        names = ", ".join(option(name) for name in unread)
+        readers = sorted({PASSES[other].description for name in unread for other in PASSES
+                          if name in PASSES[other].reads})
+        one = len(unread) == 1
+        raise SettingsError(f"{names} {'does' if one else 'do'} not apply to the {PASSES[record].description} this "
+                            f"run measures; {'it is' if one else 'they are'} read only when measuring the "
+                            f"{' or the '.join(readers)}. Remove {'it' if one else 'them'}, or measure that instead.")
+
+
 def measure_statistic(
     record: type,
     model: PathLike,
@@ -273,13 +293,18 @@ def measure_statistic(
     """
     statistic = PASSES[record]
     settings = _settings(settings)
+    check_settings_apply(settings, record)
     out = user_path(out)
     with _library_progress(progress):
         model_dir = resolve_model_dir(model)  # the one download of a Hub id
         config = load_config(model_dir)
         statistic.check(config, settings)
-        claim = claim_output(out, record.OUTPUT, overwrite=overwrite, inputs={"the model folder": model_dir},
-                             name=out_name, needed_bytes=statistic.output_bytes(model_dir, config, settings))
+        inputs = {"the model folder": model_dir}
+        claim = claim_output(out, record.OUTPUT, overwrite=overwrite, inputs=inputs, name=out_name,
+                             needed_bytes=statistic.output_bytes(model_dir, config, settings))
+        if settings.offload_folder:
+            check_scratch_folder(settings.offload_folder, inputs={**inputs, f"the {subject(out_name)}": out},
+                                 name="offload_folder")
         plan = plan or plan_calibration(model_dir, data, settings, uses_loss=statistic.uses_loss)
         with load_calibration(plan, accelerator, **statistic.model_options) as run:
             fields, count = statistic.measure(run, progress=progress)

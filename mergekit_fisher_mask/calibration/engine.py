@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterable, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -98,6 +98,7 @@ class CalibrationPass:
     model_options: Dict[str, Any] = field(default_factory=dict)
     output_bytes: Callable[[Path, Any, CalibrationSettings], Optional[int]] = lambda model_dir, config, settings: None
     uses_loss: bool = True  # False for a forward-only statistic: no estimator, no loss
+    reads: FrozenSet[str] = frozenset()  # the pass-specific settings (settings.py's _PASS_SPECIFIC) it reads
 
 
 @contextlib.contextmanager

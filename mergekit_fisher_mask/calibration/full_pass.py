@@ -201,4 +201,5 @@ PASS = CalibrationPass(
     # Eager attention is plain matmuls that vmap batches; SDPA has no batching rule on CPU and would be looped.
     model_options={"attn_implementation": "eager"},
     output_bytes=_float32_bytes,
+    reads=frozenset({"estimator", "aggregate", "chunk_size"}),
 )

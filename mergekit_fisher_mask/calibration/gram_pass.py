@@ -173,4 +173,4 @@ def _gram_bytes(model_dir, config, settings: CalibrationSettings) -> int:
 
 
 PASS = CalibrationPass(record=GramStats, measure=measure, description="Gram matrices", check=check_gram_supported,
-                       output_bytes=_gram_bytes, uses_loss=False)
+                       output_bytes=_gram_bytes, uses_loss=False, reads=frozenset({"gram_inputs", "gram_dtype"}))

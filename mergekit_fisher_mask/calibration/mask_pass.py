@@ -203,4 +203,5 @@ def measure(run: PreparedCalibration, *, progress: bool = True) -> Tuple[Dict[st
     return {"groups": groups}, count
 
 
-PASS = CalibrationPass(record=MaskFisher, measure=measure, description="mask Fisher")
+PASS = CalibrationPass(record=MaskFisher, measure=measure, description="mask Fisher",
+                       reads=frozenset({"estimator", "aggregate"}))

@@ -23,7 +23,6 @@ from torch.utils.checkpoint import checkpoint
 from ..architectures import NodeShape
 from ..checkpoints import check_weights
 from ..errors import ModelLoadError, SettingsError, option
-from ..outputs import check_no_overlap
 from ..settings import CalibrationSettings
 from ..tasks import task_of
 
@@ -93,6 +92,36 @@ def accelerator_type() -> Optional[str]:
     """The kind of accelerator torch finds (CUDA, XPU, MPS, ...), or None on a machine without one."""
     current = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
     return current.type if current is not None else None
+
+
+def check_device_available(device, *, name: str) -> None:
+    """Refuse, before any work, a device this machine does not have (``cuda:0`` on a CPU-only machine, GPU 3 of 2);
+    ``device`` is a name or, as in device maps, a GPU index."""
+    kind = accelerator_type()
+    count = torch.accelerator.device_count() if kind else 0
+    if isinstance(device, int) and kind is None:
+        raise SettingsError(f"{option(name)} asks for GPU {device}, and this machine has no accelerator. Place the model "
+                            "on cpu (or disk), or run where a GPU is.")
+    try:
+        device = torch.device(kind, device) if isinstance(device, int) else torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SettingsError(f"{option(name)}: {device!r} is not a device (e.g. cpu, disk, 0, cuda:1).") from None
+    if device.type in ("cpu", "meta"):
+        return
+    if device.type != kind or (device.index or 0) >= count:
+        present = f"{count} {kind} device(s)" if kind else "no accelerator"
+        raise SettingsError(f"{option(name)} asks for device {device}, and this machine has {present}. Choose a device "
+                            "it has (cpu, or a GPU index below the count), or run where that device is.")
+
+
+def check_device_map(settings: CalibrationSettings):
+    """The settings' device map as transformers takes it, every device in it checked to exist here."""
+    device_map = settings.device_map_value()
+    if isinstance(device_map, dict):
+        for place in device_map.values():
+            if place != "disk":
+                check_device_available(place, name="device_map")
+    return device_map
 
 
 def free_memory(device: torch.device) -> Optional[int]:
@@ -184,9 +213,7 @@ def load_model(
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     if settings.device_map:
-        if settings.offload_folder:
-            check_no_overlap(settings.offload_folder, {"the model folder": model_dir}, name="offload_folder")
-        kwargs["device_map"] = settings.device_map_value()
+        kwargs["device_map"] = check_device_map(settings)
         kwargs["max_memory"] = _process_max_memory(settings, accelerator)
         if offload_folder is not None:
             kwargs["offload_folder"] = str(offload_folder)

@@ -139,6 +139,10 @@ class Measured:
                 f"{where} was measured on a model of another architecture or shape ({'; '.join(diffs)})."
             )
 
+    @classmethod
+    def check_compatible(cls, records: Dict[str, "Measured"]) -> None:
+        """Refuse files (``{where: record}``) that cannot be merged together although each fits its model."""
+
     def summary(self) -> str:
         """One line for a model card; each format says what matters about its numbers."""
         return ""
@@ -179,17 +183,29 @@ class ShardedTensors(Mapping):
     def __init__(self, path, index_name: str, description: str, check: Callable[[str, torch.Tensor, Path], None]):
         folder = Path(path)
         index_path = folder / index_name if folder.is_dir() else folder
+        if folder.is_file() and folder.name != index_name:
+            raise FisherFileError(f"{path} is a file; {description} is a folder (with {index_name} in it).")
         if not index_path.is_file():
             raise FisherFileError(f"{path}: no {index_name} found; {description} is a folder written by mergekit-fisher.")
         try:
-            index = json.loads(index_path.read_text())
+            index = json.loads(index_path.read_text(encoding="utf-8"))
             self.metadata: Dict[str, str] = index["metadata"]
             self.weight_map: Dict[str, str] = index["weight_map"]
             if not isinstance(self.metadata, dict) or not isinstance(self.weight_map, dict):
                 raise TypeError("metadata and weight_map must be mappings")
+        except UnicodeDecodeError:
+            raise FisherFileError(f"{index_path} is not a JSON index of {description} (it is binary).") from None
         except (ValueError, KeyError, TypeError) as error:
-            raise FisherFileError(f"{index_path} is not a valid index of {description} ({error!r}).") from error
+            raise FisherFileError(f"{index_path} is not a valid index of {description} ({error}).") from None
         self.folder, self.index_path, self._check = index_path.parent, index_path, check
+        for shard in sorted(set(self.weight_map.values())):  # a missing or truncated shard fails now, not mid-merge
+            file = self.folder / shard
+            try:
+                with safe_open(str(file), framework="pt"):
+                    pass
+            except Exception as error:  # safetensors raises SafetensorError, OSError or FileNotFoundError
+                problem = "is missing" if not file.exists() else f"cannot be read ({error}); is it truncated?"
+                raise FisherFileError(f"{file}, a shard listed by {index_path}, {problem}") from None
 
     def __contains__(self, name) -> bool:
         return name in self.weight_map

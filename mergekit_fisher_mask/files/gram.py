@@ -107,6 +107,19 @@ class GramStats(Measured):
             raise FisherFileError(f"{where} lists Gram {missing[0]} but holds no such tensor; the folder is incomplete.")
         return cls(**provenance, grams=reader, inputs=inputs, gram_dtype=reader.metadata.get("gram_dtype", "float32"))
 
+    @classmethod
+    def check_compatible(cls, records: Dict[str, "GramStats"]) -> None:
+        """Every model's folder must measure the same inputs (the same ``gram_inputs``): a weight is solved from
+        every model's Gram, or from none."""
+        (first, reference), *rest = records.items()
+        for where, record in rest:
+            if set(record.inputs) != set(reference.inputs):
+                only = sorted(set(record.inputs) ^ set(reference.inputs))
+                raise FisherFileError(
+                    f"{where} and {first} measured different inputs (e.g. {only[0]}): they were calibrated with "
+                    "different gram_inputs. Calibrate every model with the same gram_inputs."
+                )
+
     def gram_for(self, weight: str) -> Optional[str]:
         """The Gram that the weight ``weight`` (full tensor name) reads, or None if it has none."""
         return self._by_weight().get(weight)

@@ -65,6 +65,11 @@ class MaskFisher(Measured):
     def read(cls, path: Union[str, os.PathLike]) -> "MaskFisher":
         """Read and validate a mask-Fisher file; raise :class:`FisherFileError` naming the file on any defect."""
         where = str(path)
+        if os.path.isdir(where):
+            raise FisherFileError(
+                f"{where} is a folder; a mask-Fisher file is one .safetensors file (`mergekit-fisher calibrate`). "
+                "Full-Fisher and Gram folders are read by the fisher and regmean methods."
+            )
         if not os.path.isfile(where):
             raise FisherFileError(f"Fisher file {where} does not exist. Run `mergekit-fisher calibrate` to create it.")
         try:

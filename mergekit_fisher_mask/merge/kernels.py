@@ -126,18 +126,18 @@ def weighted_average(
 
 def fisher_mask_merge(
     group: TensorGroup,
-    weight: PerInput[Annotated[float, Field(ge=0)]] = 1.0,
+    weight: PerInput[Annotated[float, Field(ge=0, allow_inf_nan=False)]] = 1.0,
     fisher: PerInput[Optional[str]] = None,
     scheme: Scheme = Scheme.NODES,
     normalize: Normalize = Normalize.LAYER,
     uncovered: Uncovered = Uncovered.AVERAGE,
-    epsilon: Annotated[float, Field(ge=0)] = 0.0,
-    power: Annotated[float, Field(ge=0)] = 1.0,
+    epsilon: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0,
+    power: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1.0,
     sparsify: Sparsify = Sparsify.NONE,
-    density: Annotated[float, Field(gt=0, le=1)] = 1.0,
+    density: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = 1.0,
     consensus: bool = True,
-    scale: Annotated[float, Field(gt=0)] = 1.0,
-    magnitude_power: Annotated[float, Field(ge=0)] = 0.0,
+    scale: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0,
+    magnitude_power: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 0.0,
 ) -> torch.Tensor:
     """Merge one tensor: each model weighted by ``weight * F^power``, F its node Fisher along the node axis (floored
     at ``epsilon`` times its group's layer mean); with ``sparsify``, merge trimmed, sign-elected task vectors over
@@ -190,28 +190,28 @@ def full_fisher(path: str) -> FullFisher:
 
 def fisher_merge(
     group: TensorGroup,
-    weight: PerInput[Annotated[float, Field(ge=0)]] = 1.0,
+    weight: PerInput[Annotated[float, Field(ge=0, allow_inf_nan=False)]] = 1.0,
     fisher: PerInput[Optional[str]] = None,
-    fisher_floor: Annotated[float, Field(ge=0)] = 1e-6,
+    fisher_floor: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1e-7,
     # Off by default: on four real MiniLM tasks raw Fisher merged better (examples/README.md).
     normalize: bool = False,
 ) -> torch.Tensor:
-    """Matena & Raffel: each model weighted by ``weight * max(F, fisher_floor * ||F||_2)`` per entry, divided by
-    ``||F||_2`` when ``normalize`` (``||F||_2`` is each model's own norm over all parameters)."""
+    """Matena & Raffel: each model weighted per entry by ``weight * max(F, floor)``, F divided by its L2 norm first
+    when ``normalize``. The floor is one value for every model, ``fisher_floor`` times the mean L2 norm of the merged
+    models' (used) Fisher: entries below it in every model are averaged alike, and multiplying every model's Fisher
+    by one constant changes no merge."""
     name = group.metadata.name or "<unnamed tensor>"
     entries = members(group, fisher, "fisher")
     lambdas = positive_lambdas(entries, weight, "fisher", name)
+    records = [full_fisher(fisher[entry.id]) for entry in entries]
+    divisors = [record.l2_norm if normalize else 1.0 for record in records]
+    floor = fisher_floor * sum(record.l2_norm / d for record, d in zip(records, divisors)) / len(records)
 
     def weights():
         # One model's Fisher tensor is read at a time and released after use.
-        for entry, lam in zip(entries, lambdas):
-            record = full_fisher(fisher[entry.id])
+        for entry, record, divisor, lam in zip(entries, records, divisors, lambdas):
             values = record.tensor(name, entry.tensor, where=fisher[entry.id])
-            norm = record.l2_norm
-            values.clamp_min_(fisher_floor * norm)
-            if normalize:
-                values.div_(norm)
-            yield values.mul_(lam)
+            yield values.div_(divisor).clamp_min_(floor).mul_(lam)
 
     return weighted_average(entries, weights(), lambdas)
 

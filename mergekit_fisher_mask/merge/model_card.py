@@ -25,6 +25,11 @@ def _pipeline_tag(config) -> Optional[str]:
         return None
 
 
+def _shown(source) -> str:
+    """A data source as a published card shows it: a local file by its name (not the path on this machine)."""
+    return Path(source).name if source and os.path.isabs(str(source)) else str(source)
+
+
 def _is_hub_id(reference: str) -> bool:
     return not os.path.exists(reference) and reference.count("/") == 1 and not reference.startswith((".", "/", "~"))
 
@@ -67,7 +72,8 @@ def write_model_card(
             "|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| `{m}` | `{p['data']}` | {p['samples']} | {p['estimator']} | {p['loss']} | {p.get('summary', '')} |"
+            f"| `{m}` | `{_shown(p['data'])}` | {p['samples']} | {p['estimator']} | {p['loss'] or '-'} | "
+            f"{p.get('summary', '')} |"
             for m, p in provenance.items()
         ]
     lines += ["", "## Recipe", "", "```yaml", recipe.source_text.rstrip(), "```", ""]

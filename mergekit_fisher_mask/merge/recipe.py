@@ -302,6 +302,39 @@ def _check_duplicates(groups: List[Tuple[str, List[str]]]) -> None:
             seen[identity] = reference
 
 
+_PER_MODEL_SCOPES = ("input", "non_base")  # mergekit's ParameterScope values read per model
+
+
+def _check_shared_not_per_model(parameters: Mapping[str, Any], shared: set, where: str) -> None:
+    """mergekit reads a shared parameter (``alpha``, ``scheme``, ``density``, ...) from the top-level or a slice's
+    ``parameters`` only; given per model it would be silently ignored."""
+    misplaced = sorted(set(parameters) & shared)
+    if misplaced:
+        raise RecipeError(
+            f"{where}: {', '.join(misplaced)} {'is' if len(misplaced) == 1 else 'are'} shared by every model, and mergekit "
+            "reads shared parameters from the top-level `parameters:` (or a slice's) only. Move "
+            f"{'it' if len(misplaced) == 1 else 'them'} there."
+        )
+
+
+def _check_required(config: Mapping[str, Any], specs: dict, method: str, path: str) -> None:
+    """Every model needs each required per-model parameter (e.g. linear's ``weight``), given for it or once for all."""
+    required = [name for name, spec in specs.items() if spec.required and spec.scope.value in _PER_MODEL_SCOPES]
+    shared = dict(config.get("parameters") or {})
+    base = str(config.get("base_model")) if config.get("base_model") else None
+    for location in _locations(config):
+        entry = _node(config, location)
+        given = {**shared, **((_node(config, location[:2]).get("parameters") or {}) if location[0] == "slices" else {}),
+                 **(entry.get("parameters") or {})}
+        for name in required:
+            if name in given or specs[name].scope.value == "non_base" and str(entry["model"]) == base:
+                continue
+            raise RecipeError(
+                f"{path}: {method} needs `{name}` for every model, and model {entry['model']!r} has none. Give it "
+                f"(`parameters: {{{name}: 1.0}}`), or once for all models under the top-level `parameters:`."
+            )
+
+
 def _check_base_model_needed(config: Mapping[str, Any], path: str) -> None:
     """Task vectors are changes from the base model: refuse options that use them without an explicit base."""
     if config.get("base_model"):
@@ -362,14 +395,18 @@ def load_recipe(path) -> Recipe:
     specs = _method_parameters(method, str(path))
     parameter = PLUGIN_METHODS[method].parameter if method in PLUGIN_METHODS else None
     allowed = set(specs)
+    per_model = {name for name, spec in specs.items() if spec.scope.value in _PER_MODEL_SCOPES}
     blocks = [(config.get("parameters") or {}, f"{path}: parameters", allowed)]
     blocks += [(s.get("parameters") or {}, f"{path}: slices[{i}].parameters", allowed) for i, s in enumerate(slices)]
     for location in _locations(config):  # calibration_data belongs to one model
         entry = _node(config, location)
-        blocks.append((entry.get("parameters") or {}, f"{path}: model {entry['model']!r}: parameters", allowed | {"calibration_data"}))
+        where = f"{path}: model {entry['model']!r}: parameters"
+        _check_shared_not_per_model(entry.get("parameters") or {}, set(specs) - per_model, where)
+        blocks.append((entry.get("parameters") or {}, where, per_model | {"calibration_data"}))
     for parameters, where, names in blocks:
         _check_keys(parameters, names, where)
         _check_values(parameters, specs, where)
+    _check_required(config, specs, method, str(path))
     if method in PLUGIN_METHODS:
         _check_base_model_needed(config, str(path))
 

@@ -121,12 +121,12 @@ def _is_projection(record: GramStats, name: str) -> bool:
 
 def regmean_merge(
     group: TensorGroup,
-    weight: PerInput[Annotated[float, Field(ge=0)]] = 1.0,
+    weight: PerInput[Annotated[float, Field(ge=0, allow_inf_nan=False)]] = 1.0,
     gram: PerInput[Optional[str]] = None,
-    alpha: Annotated[float, Field(ge=0, le=1)] = 0.9,
-    ridge: Annotated[float, Field(ge=0)] = 1e-4,
+    alpha: Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)] = 0.9,
+    ridge: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 1e-4,
     nonlinear: Nonlinear = Nonlinear.AVERAGE,
-    scale: Annotated[float, Field(gt=0)] = 1.0,
+    scale: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0,
 ) -> torch.Tensor:
     """Merge one tensor: RegMean's least-squares solution for a linear weight with a Gram, else ``nonlinear``; with
     ``scale``, the merge's change from the base model is multiplied by it (as task arithmetic's lambda, times K)."""
@@ -147,10 +147,13 @@ def _regmean_tensor(group: TensorGroup, name: str, weight, gram, alpha: float, r
     records = [gram_stats(gram[entry.id]) for entry in entries]
     inputs = [record.gram_for(name) for record in records]
     merged = None
+    if any(found != inputs[0] for found in inputs):
+        lacking = ", ".join(str(gram[entry.id]) for entry, found in zip(entries, inputs) if found is None)
+        raise FisherFileError(
+            f"regmean: {name} has a Gram in some folders and not in others ({lacking or 'names differ'}); were they "
+            "calibrated with different gram_inputs, or on models of another architecture?"
+        )
     if inputs[0] is not None:
-        if any(found != inputs[0] for found in inputs):
-            raise FisherFileError(f"regmean: the Gram folders disagree on the input of {name}; were they measured on "
-                                  "models of one architecture?")
         grams = [record.mean(inputs[0], where=gram[entry.id]) for record, entry in zip(records, entries)]
         shapes = {tuple(g.shape) for g in grams}
         axis = records[0].inputs[inputs[0]].input_axis

@@ -52,7 +52,9 @@ def choose_task_heads(
     """
     if policy not in TASK_HEAD_POLICIES:
         raise FisherMaskError(f"{option('task_heads')} must be one of {', '.join(TASK_HEAD_POLICIES)}, got {policy!r}.")
-    merged = [task_head_tensors(spec, model_dirs[reference]) for reference in recipe.model_references()]
+    # mergekit compares the shapes of every model it reads, the base model included even when it is not merged.
+    references = list(dict.fromkeys(recipe.model_references() + [base]))
+    merged = [task_head_tensors(spec, model_dirs[reference]) for reference in references]
     if not any(merged):  # no task heads at all (e.g. causal LMs): nothing to take from anywhere
         return []
     # mergekit plans some head classes (e.g. BERT's question answering) from another class's tensor names and would
@@ -67,7 +69,7 @@ def choose_task_heads(
     same_shapes = all(heads == merged[0] for heads in merged)
     if policy == "merge" and not same_shapes:
         shapes = "; ".join(f"{reference}: " + ", ".join(f"{name} {tuple(shape)}" for name, shape in sorted(heads.items()))
-                           for reference, heads in zip(recipe.model_references(), merged))
+                           for reference, heads in zip(references, merged))
         raise RecipeError(
             f"{recipe.path}: {option('task_heads')} merge needs task heads of one shape, and these differ ({shapes}). "
             f"Use {option('task_heads')} auto or base to take the head from base_model."
