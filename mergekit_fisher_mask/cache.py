@@ -84,7 +84,7 @@ def calibrate_missing(
         else:
             missing.append((request, path))
     if missing:
-        check_writable(cache_dir / "probe", name="cache_dir")
+        check_writable(cache_dir, name="cache_dir", is_folder=True)
     uses_loss = PASSES[record].uses_loss
     plans = [(request, path, plan_calibration(inputs[request.model].directory, request.data, request.settings,
                                               uses_loss=uses_loss)) for request, path in missing]

@@ -241,11 +241,12 @@ def _nearest_existing(path: Path) -> Path:
     return next(p for p in [path, *path.parents] if os.path.lexists(p))
 
 
-def check_writable(out, *, name: str = "output", needed_bytes: Optional[int] = None) -> None:
-    """Refuse before any work if the folder that will hold ``out`` cannot take a file (read-only, no permission,
-    no inodes), or has less free space than ``needed_bytes``."""
+def check_writable(out, *, name: str = "output", needed_bytes: Optional[int] = None, is_folder: bool = False) -> None:
+    """Refuse before any work if the folder that will hold ``out`` (``out`` itself when ``is_folder``: a folder that
+    receives files) cannot take a file (read-only, no permission, no inodes), or has less free space than
+    ``needed_bytes``."""
     final = _final(out)
-    folder = _nearest_existing(final.parent)
+    folder = _nearest_existing(final if is_folder else final.parent)
     if not folder.is_dir():
         raise OutputPathError(f"The {subject(name)} {out} cannot be created: {folder} is a file, not a folder.")
     try:
@@ -555,7 +556,7 @@ def check_scratch_folder(folder, *, inputs: Mapping[str, Path], name: str) -> No
         raise OutputPathError(f"The {subject(name)} {folder} is a file; give a folder (this run makes its own folder "
                               "inside it and removes it afterwards).")
     check_no_overlap(folder, inputs, name=name)
-    check_writable(folder / "probe", name=name)
+    check_writable(folder, name=name, is_folder=True)
 
 
 @contextlib.contextmanager

@@ -256,7 +256,9 @@ class CalibrationSettings(BaseModel):
     @model_validator(mode="after")
     def _placement_needs_device_map(self):
         if (self.max_memory or self.offload_folder) and not self.device_map:
-            raise ValueError("max_memory and offload_folder place a device-mapped model; set device_map too (e.g. auto)")
+            given = " and ".join(option(name) for name in ("max_memory", "offload_folder") if getattr(self, name))
+            verb = "place" if " and " in given else "places"
+            raise ValueError(f"{given} {verb} a device-mapped model; set {option('device_map')} too (e.g. auto)")
         return self
 
     def device_map_value(self) -> Union[None, str, Dict[str, Any]]:

@@ -149,6 +149,25 @@ def test_an_offload_folder_that_is_a_file_is_refused(model_zoo, text_data, tmp_p
     assert notes.read_text() == "mine"
 
 
+def test_scratch_folders_that_cannot_take_files_are_named_as_the_user_gave_them(model_zoo, text_data, tmp_path,
+                                                                                 no_work):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    result = cli("calibrate", model_zoo("llama"), "--data", text_data, "--out", tmp_path / "f.safetensors",
+                 *OFFLOAD, "--offload-folder", notes / "offload", "--quiet")
+    assert isinstance(result.exception, OutputPathError), result.output
+    assert f"--offload-folder {notes / 'offload'} cannot be created: {notes} is a file" in str(result.exception)
+    assert "probe" not in str(result.exception) and notes.read_text() == "mine"
+
+
+def test_placement_options_without_a_device_map_are_named_as_typed(model_zoo, text_data, tmp_path, no_work):
+    result = cli("calibrate", model_zoo("llama"), "--data", text_data, "--out", tmp_path / "f.safetensors",
+                 "--max-memory", "cpu=10GiB", "--quiet")
+    assert isinstance(result.exception, SettingsError), result.output
+    assert "--max-memory places a device-mapped model; set --device-map too" in str(result.exception)
+    assert "offload" not in str(result.exception)
+
+
 @pytest.mark.parametrize("where", ["model", "out"])
 def test_an_offload_folder_inside_the_model_or_the_output_is_refused(model_zoo, text_data, tmp_path, no_work, where):
     model = tmp_path / "model"

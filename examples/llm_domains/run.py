@@ -78,6 +78,7 @@ class Statistic:
 
 MASK = Statistic("fisher", "calibrate", "mask.safetensors")
 FULL = Statistic("fisher", "calibrate_full", "full")
+GRAM = Statistic("gram", "calibrate_gram", "gram")
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,9 @@ METHODS: List[Row] = [
     Row("fisher_mask (sparsify magnitude, density 0.5)", "fisher_mask", {"sparsify": "magnitude", "density": 0.5},
         MASK, uses_base=True),
     Row("fisher (full)", "fisher", {}, FULL),
-    # e.g. Row("regmean", "regmean", {}, Statistic("gram", "calibrate_gram", "gram")),
+    Row("fisher_mask (task vectors, scale 1.4)", "fisher_mask",
+        {"sparsify": "magnitude", "density": 1.0, "consensus": False, "scale": 1.4}, MASK, uses_base=True),
+    *[Row(f"regmean (alpha {a})", "regmean", {"alpha": a}, GRAM) for a in (0.5, 0.9)],
 ]
 DATA_FREE = [row for row in METHODS if row.statistic is None]
 
