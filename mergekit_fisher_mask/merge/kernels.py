@@ -89,6 +89,13 @@ def equal_where_all_zero(weights: List[Weight], lambdas: Sequence[float]) -> Lis
             for w, lam in zip(weights, lambdas)]
 
 
+def base_copy(group: TensorGroup, option: str, name: str) -> torch.Tensor:
+    """The base model's tensor, for an ``option`` (e.g. ``fisher_mask: uncovered=base``) that takes it as is."""
+    if group.base is None:
+        raise FisherMaskError(f"{option} needs a base_model (tensor {name}).")
+    return group.base.tensor.clone()
+
+
 def weighted_average(
     entries: List[TensorEntry], weights: Iterable[Weight], lambdas: Optional[Sequence[float]] = None
 ) -> torch.Tensor:
@@ -160,9 +167,7 @@ def fisher_mask_merge(
     ]
     if per_model[0] is None:
         if uncovered == Uncovered.BASE:
-            if group.base is None:
-                raise FisherMaskError(f"fisher_mask: uncovered=base needs a base_model (tensor {name}).")
-            return group.base.tensor.clone()
+            return base_copy(group, "fisher_mask: uncovered=base", name)
         if uncovered == Uncovered.MEAN_FISHER:
             per_model = [mean_fisher_weight(nodes, stack, rule, layer, name=name) for nodes, _ in loaded]
     if per_model[0] is None:

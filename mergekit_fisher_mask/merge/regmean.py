@@ -33,7 +33,7 @@ from typing_extensions import Annotated
 from ..architectures import get_architecture
 from ..errors import FisherFileError, FisherMaskError
 from ..files.gram import GRAM_INDEX, GramStats
-from .kernels import file_stamp, members, positive_lambdas, weighted_average
+from .kernels import base_copy, file_stamp, members, positive_lambdas, weighted_average
 
 LOG = logging.getLogger(__name__)
 FLOAT64_UP_TO = 4096  # input widths solved in float64; wider ones in float32 (a 14336-wide float64 system is 1.6 GB)
@@ -170,9 +170,7 @@ def _regmean_tensor(group: TensorGroup, name: str, weight, gram, alpha: float, r
     if merged is not None:
         return merged
     if nonlinear == Nonlinear.BASE:
-        if group.base is None:
-            raise FisherMaskError(f"regmean: nonlinear=base needs a base_model (tensor {name}).")
-        return group.base.tensor.clone()
+        return base_copy(group, "regmean: nonlinear=base", name)
     return weighted_average(entries, list(lambdas))
 
 
