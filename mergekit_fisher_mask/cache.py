@@ -17,7 +17,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Dict, Iterable, Mapping
 
-from .calibration.api import PASSES, check_settings_apply, measure_statistic, plan_calibration
+from .calibration.api import PASSES, measure_statistic, plan_calibration
 from .calibration.placement import accelerator_type
 from .checkpoints import model_fingerprint
 from .outputs import check_writable
@@ -73,9 +73,6 @@ def calibrate_missing(
     ``{recipe location: path}`` for every request. All missing calibrations are planned (data read and checked)
     before the first one runs."""
     paths, missing = {}, []
-    requests = list(requests)
-    for request in requests:
-        check_settings_apply(request.settings, record)
     for request in requests:
         path = cache_path(cache_dir, record, cache_key(request, inputs[request.model]))
         paths[request.location] = str(path)

@@ -58,6 +58,16 @@ def command_line() -> Iterator[None]:
         _ON_COMMAND_LINE.reset(token)
 
 
+@contextlib.contextmanager
+def recipe_keys() -> Iterator[None]:
+    """Within the block, messages spell settings as a recipe does (``max_length``), even under the command line."""
+    token = _ON_COMMAND_LINE.set(False)
+    try:
+        yield
+    finally:
+        _ON_COMMAND_LINE.reset(token)
+
+
 def option(name: str) -> str:
     """The option ``name`` (a Python parameter name) as the user spelled it: ``--max-length`` or ``max_length``."""
     if _ON_COMMAND_LINE.get():

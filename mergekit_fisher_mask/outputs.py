@@ -95,13 +95,19 @@ def file_record(path: Path) -> Dict[str, object]:
     return record
 
 
+CHANGED = " (changed since this tool wrote it)"  # marks a listed file the user edited
+
+
 def _changed(path: Path, recorded: Optional[Mapping]) -> bool:
     """Whether a listed file differs from what its manifest recorded (unknown: unchanged)."""
     if not recorded:
         return False
-    if path.stat().st_size != recorded.get("size"):
+    try:
+        if path.stat().st_size != recorded.get("size"):
+            return True
+        return "sha256" in recorded and hashlib.sha256(path.read_bytes()).hexdigest() != recorded["sha256"]
+    except OSError:  # gone or unreadable since it was listed: not the file this tool wrote
         return True
-    return "sha256" in recorded and hashlib.sha256(path.read_bytes()).hexdigest() != recorded["sha256"]
 
 
 @dataclass(frozen=True)
@@ -128,7 +134,7 @@ class OutputKind:
             if name not in listed:
                 found.append(name)
             elif isinstance(listed, Mapping) and _changed(Path(path) / name, listed[name]):
-                found.append(f"{name} (changed since it was written)")
+                found.append(name + CHANGED)
         return found
 
     def is_ours(self, path: Path) -> bool:
@@ -179,9 +185,10 @@ def is_merge_output(folder: Path) -> bool:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def check_no_overlap(out, inputs: Mapping[str, Path], *, name: str = "output") -> None:
-    """Refuse ``out`` if it equals, contains or lies inside any input path (``{description: path}``). ``name`` is
-    the option that gave ``out`` (a Python parameter name; messages spell it as the user did)."""
+def check_no_overlap(out, inputs: Mapping[str, Path], *, name: str = "output", may_contain: bool = False) -> None:
+    """Refuse ``out`` if it equals, contains (unless ``may_contain``) or lies inside any input path
+    (``{description: path}``). ``name`` is the option that gave ``out`` (a Python parameter name; messages spell it
+    as the user did)."""
     target = _resolved(out)
     for description, path in inputs.items():
         other = _resolved(path)
@@ -189,7 +196,7 @@ def check_no_overlap(out, inputs: Mapping[str, Path], *, name: str = "output") -
             relation = "is"
         elif other in target.parents:
             relation = "lies inside"
-        elif target in other.parents:
+        elif target in other.parents and not may_contain:
             relation = "contains"
         else:
             continue
@@ -314,9 +321,11 @@ def check_replaceable(out, kind: OutputKind, *, overwrite: bool, name: str = "ou
                 f"({_describe_contents(path)}); refusing to replace it. Choose another path, or move it away yourself."
             )
         if foreign:
+            changed = any(name.endswith(CHANGED) for name in foreign)
             raise OutputPathError(
-                f"The {spelled} {path} holds {kind.what} plus files this tool did not write "
-                f"({describe_names(foreign)}); refusing to replace it. Move those files away, or choose another path."
+                f"The {spelled} {path} holds {kind.what} plus files this tool did not write"
+                f"{' or that changed since' if changed else ''} ({describe_names(foreign)}); refusing to replace it. "
+                "Move those files away, or choose another path."
             )
     elif not kind.is_ours(path):
         raise OutputPathError(
@@ -555,7 +564,7 @@ def check_scratch_folder(folder, *, inputs: Mapping[str, Path], name: str) -> No
     if os.path.lexists(folder) and not folder.is_dir():
         raise OutputPathError(f"The {subject(name)} {folder} is a file; give a folder (this run makes its own folder "
                               "inside it and removes it afterwards).")
-    check_no_overlap(folder, inputs, name=name)
+    check_no_overlap(folder, inputs, name=name, may_contain=True)  # the run writes only a new folder of its own
     check_writable(folder, name=name, is_folder=True)
 
 

@@ -18,9 +18,10 @@ from typing import Dict
 
 from .architectures import ARCHITECTURES, get_architecture
 from .cache import InputModel, cache_key, calibrate_missing, default_cache_dir
+from .calibration.api import check_settings_apply
 from .calibration.placement import check_device_available
 from .checkpoints import check_weights, has_tokenizer, load_config, resolve_model_dir, weight_bytes
-from .errors import RecipeError
+from .errors import RecipeError, recipe_keys
 from .merge.mergekit_definitions import without_weights
 from .merge.model_card import write_model_card
 from .merge.recipe import Recipe, load_recipe, local_model
@@ -94,8 +95,9 @@ def _claim_output(out: Path, recipe: Recipe, inputs: Dict[str, InputModel], cach
     claim = claim_output(out, MERGE_OUTPUT, overwrite=overwrite, inputs=protected, name="output", needed_bytes=size)
     for request in recipe.calibrations:  # scratch folders for offloaded weights: never in an input or the output
         if request.settings.offload_folder:
-            check_scratch_folder(request.settings.offload_folder, inputs={**protected, "the output": out},
-                                 name="offload_folder")
+            with recipe_keys():
+                check_scratch_folder(request.settings.offload_folder, inputs={**protected, "the output": out},
+                                     name="offload_folder")
     return claim
 
 
@@ -133,7 +135,12 @@ def run_fisher_merge(
     out = user_path(out_path)
     if merge_options.device:  # mergekit's --cuda / --device: a device this machine has
         check_device_available(merge_options.device, name="cuda" if merge_options.cuda else "device")
-    recipe = load_recipe(recipe_path)
+    with recipe_keys():  # settings from the recipe are named as its keys
+        recipe = load_recipe(recipe_path)
+        for request in recipe.calibrations if recipe.plugin else ():
+            check_settings_apply(request.settings, recipe.plugin.statistic,
+                                 where=f"{recipe.path}: calibration of {request.model!r}",
+                                 remedy="change merge_method")
     if not recipe.model_locations():
         raise RecipeError(f"{recipe.path}: the recipe names no models.")
     recipe = _with_base_model(recipe)

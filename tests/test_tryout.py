@@ -80,6 +80,21 @@ def test_a_merge_refuses_calibration_settings_its_statistic_does_not_read(setup,
     with pytest.raises(SettingsError, match="gram_inputs does not apply to the mask Fisher"):
         run_fisher_merge(str(recipe), str(tmp_path / "out"), OPTIONS)
     assert not (tmp_path / "out").exists()
+    result = cli("merge", recipe, tmp_path / "out")  # on the command line too, the recipe's own key is named
+    message = str(result.exception)
+    assert isinstance(result.exception, SettingsError), result.output
+    assert message.startswith(f"{recipe}: calibration of ") and "--gram-inputs" not in message, message
+    assert message.endswith("Remove it, or change merge_method."), message
+
+
+def test_a_calibration_block_no_model_uses_is_said_to_be_unused(setup, tmp_path, caplog):
+    models, fishers, _ = setup
+    recipe = two_model_recipe(tmp_path, models, "fisher_mask", [{"fisher": str(f)} for f in fishers])
+    config = yaml.safe_load(recipe.read_text())
+    config["calibration"] = {"samples": 4}
+    write_recipe(recipe, config)
+    load_recipe(str(recipe))
+    assert "the `calibration:` block is not used" in caplog.text
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -178,7 +193,7 @@ def test_an_offload_folder_inside_the_model_or_the_output_is_refused(model_zoo, 
     result = cli("calibrate", model, "--data", text_data, "--out", out, "--gram", *OFFLOAD, "--offload-folder",
                  offload, "--quiet")
     assert isinstance(result.exception, OutputPathError), result.output
-    assert "--offload-folder" in str(result.exception) and str(offload) in str(result.exception)
+    assert f"--offload-folder {offload} lies inside" in str(result.exception)
     assert snapshot(model) == before and not out.exists()
 
 
@@ -191,6 +206,17 @@ def test_a_merge_refuses_an_offload_folder_inside_its_output(setup, text_data, t
     with pytest.raises(OutputPathError, match="offload folder .* lies inside the output"):
         run_fisher_merge(str(recipe), str(tmp_path / "out"), OPTIONS)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_offload_folder_that_holds_the_model_is_scratch_space_and_is_left_as_it_was(model_zoo, text_data,
+                                                                                        tmp_path):
+    work = tmp_path / "work"  # the user's folder: the model is inside it, and the run writes only a folder of its own
+    shutil.copytree(model_zoo("llama"), work / "model")
+    before = snapshot(work)
+    settings = CalibrationSettings(samples=4, batch_size=2, device_map="auto", max_memory="cpu=60KB",
+                                   offload_folder=str(work))
+    calibrate(str(work / "model"), str(text_data), tmp_path / "f.safetensors", settings, progress=False)
+    assert snapshot(work) == before
 
 
 def test_an_offload_folder_the_run_created_is_removed_afterwards(model_zoo, text_data, tmp_path):
@@ -296,6 +322,6 @@ def test_overwrite_refuses_a_merge_whose_readme_the_user_edited(setup, tmp_path)
     readme = out / "README.md"
     readme.write_text(readme.read_text() + "\nMy evaluation notes: two weeks of runs.\n")
     before = snapshot(out)
-    with pytest.raises(OutputPathError, match=r"README\.md \(changed since it was written\)"):
+    with pytest.raises(OutputPathError, match=r"did not write or that changed since \(README\.md \(changed since this tool wrote it\)\)"):
         run_fisher_merge(str(recipe), str(out), OPTIONS, overwrite=True)
     assert snapshot(out) == before

@@ -258,17 +258,20 @@ def _provenance(run: PreparedCalibration, model, count: int, statistic: Calibrat
     }
 
 
-def check_settings_apply(settings: CalibrationSettings, record: type) -> None:
-    """Refuse pass-specific settings (say ``gram_inputs``) given for a statistic whose pass does not read them."""
+def check_settings_apply(settings: CalibrationSettings, record: type, *, where: str = "",
+                         remedy: str = "measure that instead") -> None:
+    """Refuse pass-specific settings (say ``gram_inputs``) given for a statistic whose pass does not read them;
+    ``where`` (e.g. a recipe's model) starts the message, ``remedy`` ends it."""
     unread = settings.unread_settings(PASSES[record].reads)
     if unread:
         names = ", ".join(option(name) for name in unread)
         readers = sorted({PASSES[other].description for name in unread for other in PASSES
                           if name in PASSES[other].reads})
         one = len(unread) == 1
-        raise SettingsError(f"{names} {'does' if one else 'do'} not apply to the {PASSES[record].description} this "
-                            f"run measures; {'it is' if one else 'they are'} read only when measuring the "
-                            f"{' or the '.join(readers)}. Remove {'it' if one else 'them'}, or measure that instead.")
+        raise SettingsError(f"{where + ': ' if where else ''}{names} {'does' if one else 'do'} not apply to the "
+                            f"{PASSES[record].description} this run measures; {'it is' if one else 'they are'} read "
+                            f"only when measuring the {' or the '.join(readers)}. Remove {'it' if one else 'them'}, "
+                            f"or {remedy}.")
 
 
 def measure_statistic(

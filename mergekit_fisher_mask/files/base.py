@@ -193,6 +193,8 @@ class ShardedTensors(Mapping):
             self.weight_map: Dict[str, str] = index["weight_map"]
             if not isinstance(self.metadata, dict) or not isinstance(self.weight_map, dict):
                 raise TypeError("metadata and weight_map must be mappings")
+            if not all(isinstance(shard, str) and shard for shard in self.weight_map.values()):
+                raise TypeError("every weight_map value must be a shard's file name")
         except UnicodeDecodeError:
             raise FisherFileError(f"{index_path} is not a JSON index of {description} (it is binary).") from None
         except (ValueError, KeyError, TypeError) as error:

@@ -20,6 +20,7 @@ A :class:`Recipe` is immutable: filling in calibrated paths or a default base mo
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,6 +35,8 @@ from ..errors import RecipeError, SettingsError
 from ..paths import looks_local, user_path
 from ..settings import CalibrationSettings, make_settings
 from .methods import PLUGIN_METHODS
+
+LOG = logging.getLogger(__name__)
 
 _TOP_LEVEL_KEYS = set(MergeConfiguration.model_fields) | {"calibration"}
 _MODEL_KEYS = {"model", "parameters"}
@@ -437,4 +440,6 @@ def load_recipe(path) -> Recipe:
             CalibrationRequest(str(entry["model"]), _resolve(data, base_dir, f"{where}: calibration_data"), settings, location)
         )
         del parameters["calibration_data"]
+    if shared and not requests:
+        LOG.warning("%s: the `calibration:` block is not used: no model has `calibration_data` to calibrate on.", path)
     return Recipe(config, text, str(path), tuple(requests)).with_statistic_paths(statistic_paths)
