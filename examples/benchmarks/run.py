@@ -48,7 +48,7 @@ def measure_calibration(model: str, data: str, mode: str, samples: int, batch: i
 
     settings = CalibrationSettings(samples=samples, batch_size=batch, max_length=length, chunk_size=chunk)
     run = prepare_calibration(model, data, settings, None, **({"attn_implementation": "eager"} if mode == "full" else {}))
-    loaded_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    loaded_rss = own_peak_rss_mb()
     start = time.perf_counter()
     if mode == "forward":
         with torch.inference_mode():
@@ -62,8 +62,17 @@ def measure_calibration(model: str, data: str, mode: str, samples: int, batch: i
     else:
         compute_full_fisher(run.model, run.loader, settings, accelerator=run.accelerator, progress=False)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = own_peak_rss_mb()
     return {"seconds": seconds, "peak_rss_mb": peak, "rss_after_load_mb": loaded_rss}
+
+
+def own_peak_rss_mb() -> float:
+    """This process's own peak RSS (``VmHWM`` of its address space). ``ru_maxrss`` is not: Linux carries the high-water
+    mark of the address space a child replaced at ``exec``, i.e. of the parent that forked it, into the child's."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # not Linux
 
 
 def in_subprocess(*args: str) -> dict:
@@ -72,13 +81,14 @@ def in_subprocess(*args: str) -> dict:
 
 
 def timed_command(command) -> dict:
-    """Wall time and peak RSS of a child process (its own, via wait4)."""
+    """Wall time and own peak RSS of ``mergekit-fisher <args>``, run in a child that reports its ``VmHWM`` at exit."""
+    if command[0] != "mergekit-fisher":
+        raise ValueError(f"timed_command runs mergekit-fisher commands only, got {command[0]}")
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(process.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"command failed: {' '.join(command)}")
-    return {"seconds": time.perf_counter() - start, "peak_rss_mb": usage.ru_maxrss / 1024}
+    output = subprocess.run([sys.executable, __file__, "_cli", *command[1:]], capture_output=True, text=True)
+    if output.returncode != 0:
+        raise RuntimeError(f"command failed: {' '.join(command)}\n{output.stderr[-2000:]}")
+    return {"seconds": time.perf_counter() - start, "peak_rss_mb": json.loads(output.stdout.strip().splitlines()[-1])}
 
 
 def stats(values) -> dict:
@@ -329,6 +339,15 @@ def markdown(report: dict) -> str:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_cli":  # the CLI in this process, then its own peak RSS
+        from mergekit_fisher_mask.cli import run as cli_run
+
+        sys.argv = ["mergekit-fisher", *sys.argv[2:]]
+        try:
+            cli_run()
+        finally:
+            print(json.dumps(own_peak_rss_mb()), flush=True)
+        sys.exit(0)
     if len(sys.argv) > 1 and sys.argv[1] == "_measure":
         model, data, mode, samples, batch, length, chunk = sys.argv[2:9]
         print(json.dumps(measure_calibration(model, data, mode, int(samples), int(batch), int(length), int(chunk))))

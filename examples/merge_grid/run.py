@@ -1,6 +1,7 @@
 """Which merge to choose: every pair of four real MiniLM tasks, three fine-tuning seeds, all test rows, every method.
 
     python examples/merge_grid/run.py [--cache examples/.cache] [--seeds 0 1 2] [--ablation-seeds 0 1 2]
+        [--methods NAME ...] [--name results]
 
 For each seed, one MiniLM classifier per task is fine-tuned (``examples/finetune_classifier.py``; seed s changes the
 training subset, the head's initialisation and the batch order), calibrated on its own training split, and every
@@ -234,6 +235,12 @@ def summarize(rows: List[dict], individual: Dict[int, Dict[str, float]], seeds: 
     }
 
 
+def difference(paired: dict) -> str:
+    """``+0.0123 +- 0.0045`` (mean and standard error over seeds); one seed has no standard error."""
+    se = paired.get("se", 0.0)
+    return f"{paired.get('mean', 0):+.4f}" + ("" if math.isnan(se) else f" +- {se:.4f}")
+
+
 def markdown(report: dict, ablation: dict) -> str:
     seeds, best = report["seeds"], report["best_data_free"]
     lines = [f"Command: `{report['command']}`; machine: {report['machine']}.", "",
@@ -247,9 +254,8 @@ def markdown(report: dict, ablation: dict) -> str:
         cells = [f"{entry['per_seed_mean'][s]:.4f}" for s in seeds]
         vs_linear, vs_best = entry.get("vs linear", {}), entry.get(f"vs {best}", {})
         lines.append(
-            f"| {name} | " + " | ".join(cells) + f" | **{entry['mean']:.4f}** | "
-            f"{vs_linear.get('mean', 0):+.4f} +- {vs_linear.get('se', 0):.4f} | "
-            f"{vs_best.get('mean', 0):+.4f} +- {vs_best.get('se', 0):.4f} | {vs_linear.get('worst_pair', 0):+.4f} |"
+            f"| {name} | " + " | ".join(cells) + f" | **{entry['mean']:.4f}** | {difference(vs_linear)} | "
+            f"{difference(vs_best)} | {vs_linear.get('worst_pair', 0):+.4f} |"
         )
     if ablation:
         lines += ["", "Per-group ablation of the default fisher_mask merge: one tensor group taken from another merge "
@@ -267,6 +273,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ablation-seeds", type=int, nargs="*", default=[])
     parser.add_argument("--methods", nargs="+", default=None, help="only these rows (default: every row)")
     parser.add_argument("--tasks", nargs="+", default=list(assets.TASKS), choices=assets.TASKS)
+    parser.add_argument("--name", default="results", help="results file stem: results/<name>.{json,md}")
     args = parser.parse_args(argv)
     cache = args.cache.resolve()
     work = cache / "paper_protocol"  # fine-tuned models and Fisher files are shared with the paper protocol
@@ -338,8 +345,8 @@ def main(argv=None) -> int:
     report["ablation"] = ablation
     report["ablation_seeds"] = args.ablation_seeds
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "results.json").write_text(json.dumps(report, indent=2))
-    (RESULTS / "results.md").write_text(markdown(report, ablation))
+    (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2))
+    (RESULTS / f"{args.name}.md").write_text(markdown(report, ablation))
     print(markdown(report, ablation))
     log(f"done in {time.time() - started:.0f} s")
     return 0
