@@ -117,7 +117,7 @@ def test_rotary_models_past_their_length_warn(model_zoo, tmp_path, caplog):
         ("--chunk-size", "0", "chunk_size: Input should be greater than 0"),
         ("--max-memory", "cpu=lots", "size 'lots' for device 'cpu' is not a size"),
         ("--device-map", "everywhere", "expected one of auto, balanced"),
-        ("--offload-folder", "off", "set device_map too"),
+        ("--offload-folder", "off", "--offload-folder places a device-mapped model; set --device-map too"),
     ],
 )
 def test_invalid_settings(model_zoo, text_data, tmp_path, monkeypatch, capsys, option, value, match):
