@@ -49,23 +49,22 @@ _CLI_NAMES = {"cache_dir": "--fisher-cache", "output": "OUT_PATH", "task_heads":
 
 
 @contextlib.contextmanager
-def command_line() -> Iterator[None]:
+def _spelling(on_command_line: bool) -> Iterator[None]:
+    token = _ON_COMMAND_LINE.set(on_command_line)
+    try:
+        yield
+    finally:
+        _ON_COMMAND_LINE.reset(token)
+
+
+def command_line():
     """Within the block, messages spell options as the command line does."""
-    token = _ON_COMMAND_LINE.set(True)
-    try:
-        yield
-    finally:
-        _ON_COMMAND_LINE.reset(token)
+    return _spelling(True)
 
 
-@contextlib.contextmanager
-def recipe_keys() -> Iterator[None]:
+def recipe_keys():
     """Within the block, messages spell settings as a recipe does (``max_length``), even under the command line."""
-    token = _ON_COMMAND_LINE.set(False)
-    try:
-        yield
-    finally:
-        _ON_COMMAND_LINE.reset(token)
+    return _spelling(False)
 
 
 def option(name: str) -> str:
