@@ -161,10 +161,12 @@ class CalibrationSettings(BaseModel):
         json_schema_extra={"cli": "--text-column"},
     )
     label_column: Optional[str] = Field(
-        None, description="Label column for classifiers [default: label; ner_tags, labels or tags for token tags]."
+        None, description="Label column for classifiers [default: label; ner_tags, labels or tags for token tags].",
+        json_schema_extra=_PASS_SPECIFIC,
     )
     target_column: Optional[str] = Field(
-        None, description="Sequence-to-sequence models: the target text column [default: target, summary, ...]."
+        None, description="Sequence-to-sequence models: the target text column [default: target, summary, ...].",
+        json_schema_extra=_PASS_SPECIFIC,
     )
     mixed_precision: MixedPrecision = Field(MixedPrecision.NO, description="Autocast the forward pass.")
     dtype: LoadDtype = Field(

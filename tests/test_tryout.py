@@ -50,6 +50,8 @@ def two_model_recipe(tmp_path, models, method, per_model, shared=None) -> Path:
     (["--gram"], ["--estimator", "sampled"], "--estimator"),
     (["--gram"], ["--aggregate", "normalized"], "--aggregate"),
     (["--full"], ["--gram-inputs", "ffn_in"], "--gram-inputs"),
+    (["--gram"], ["--label-column", "y"], "--label-column"),  # only a loss reads labels and targets
+    (["--gram"], ["--target-column", "summary"], "--target-column"),
 ])
 def test_a_setting_the_measured_statistic_does_not_read_is_refused(model_zoo, text_data, tmp_path, no_work,
                                                                    statistic, extra, named):

@@ -262,11 +262,11 @@ def check_settings_apply(settings: CalibrationSettings, record: type, *, where: 
                          remedy: str = "measure that instead") -> None:
     """Refuse pass-specific settings (say ``gram_inputs``) given for a statistic whose pass does not read them;
     ``where`` (e.g. a recipe's model) starts the message, ``remedy`` ends it."""
-    unread = settings.unread_settings(PASSES[record].reads)
+    unread = settings.unread_settings(PASSES[record].settings_read)
     if unread:
         names = ", ".join(option(name) for name in unread)
         readers = sorted({PASSES[other].description for name in unread for other in PASSES
-                          if name in PASSES[other].reads})
+                          if name in PASSES[other].settings_read})
         one = len(unread) == 1
         raise SettingsError(f"{where + ': ' if where else ''}{names} {'does' if one else 'do'} not apply to the "
                             f"{PASSES[record].description} this run measures; {'it is' if one else 'they are'} read "

@@ -85,6 +85,9 @@ class PreparedCalibration:
         return {key: value.to(device) for key, value in model_inputs(batch).items()}
 
 
+LOSS_COLUMNS = frozenset({"label_column", "target_column"})
+
+
 @dataclass(frozen=True)
 class CalibrationPass:
     """One statistic the ``calibrate`` command can measure: the record type (file format) it writes, how it measures
@@ -99,6 +102,11 @@ class CalibrationPass:
     output_bytes: Callable[[Path, Any, CalibrationSettings], Optional[int]] = lambda model_dir, config, settings: None
     uses_loss: bool = True  # False for a forward-only statistic: no estimator, no loss
     reads: FrozenSet[str] = frozenset()  # the pass-specific settings (settings.py's _PASS_SPECIFIC) it reads
+
+    @property
+    def settings_read(self) -> FrozenSet[str]:
+        """``reads``, plus the data columns only a loss needs (labels, seq2seq targets) for a pass with a loss."""
+        return self.reads | (LOSS_COLUMNS if self.uses_loss else frozenset())
 
 
 @contextlib.contextmanager
