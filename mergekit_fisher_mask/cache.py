@@ -77,7 +77,7 @@ def calibrate_missing(
         path = cache_path(cache_dir, record, cache_key(request, inputs[request.model]))
         paths[request.location] = str(path)
         if record.OUTPUT.is_ours(path):
-            LOG.info("Using the cached %s of %s: %s", record.DESCRIPTION.removeprefix("a "), request.model, path)
+            LOG.info("Using the cached %s of %s: %s", record.noun(), request.model, path)
         else:
             missing.append((request, path))
     if missing:

@@ -85,7 +85,7 @@ def _claim_output(out: Path, recipe: Recipe, inputs: Dict[str, InputModel], cach
     for location in recipe.model_locations():
         statistic = recipe.statistic_path(location)
         if statistic and Path(statistic).exists():
-            what = recipe.plugin.statistic.DESCRIPTION.removeprefix("a ") if recipe.plugin else "file"
+            what = recipe.plugin.statistic.noun() if recipe.plugin else "file"
             protected[f"the {what} of {recipe.entry(location)['model']!r},"] = Path(statistic)
     for request in recipe.calibrations:
         if Path(request.data).exists():

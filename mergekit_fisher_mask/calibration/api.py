@@ -182,12 +182,7 @@ def load_calibration(plan: CalibrationPlan, accelerator=None, **model_options) -
     settings = plan.settings
     resources = contextlib.ExitStack()
     try:
-        offload = None
-        if settings.offload_folder:
-            check_scratch_folder(settings.offload_folder, inputs={"the model folder": plan.model_dir},
-                                 name="offload_folder")
-            offload = resources.enter_context(private_folder(Path(settings.offload_folder)))
-        net = load_model(plan.model_dir, plan.config, settings, accelerator, offload_folder=offload, **model_options)
+        net = _load_placed(plan.model_dir, plan.config, settings, accelerator, resources, **model_options)
     except BaseException:
         resources.close()
         raise
@@ -207,11 +202,18 @@ def placed_model(model: PathLike, settings: SettingsLike = None, accelerator=Non
     model_dir = resolve_model_dir(model)
     config = load_config(model_dir)
     with contextlib.ExitStack() as resources:
-        offload = None
-        if settings.offload_folder:
-            check_scratch_folder(settings.offload_folder, inputs={"the model folder": model_dir}, name="offload_folder")
-            offload = resources.enter_context(private_folder(Path(settings.offload_folder)))
-        yield load_model(model_dir, config, settings, accelerator, offload_folder=offload, **model_options)
+        yield _load_placed(model_dir, config, settings, accelerator, resources, **model_options)
+
+
+def _load_placed(model_dir: Path, config, settings: CalibrationSettings, accelerator,
+                 resources: contextlib.ExitStack, **model_options):
+    """The model as the settings place it; a disk-offload folder this run makes is removed when ``resources``
+    closes."""
+    offload = None
+    if settings.offload_folder:
+        check_scratch_folder(settings.offload_folder, inputs={"the model folder": model_dir}, name="offload_folder")
+        offload = resources.enter_context(private_folder(Path(settings.offload_folder)))
+    return load_model(model_dir, config, settings, accelerator, offload_folder=offload, **model_options)
 
 
 def prepare_calibration(

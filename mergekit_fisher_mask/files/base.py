@@ -55,6 +55,11 @@ class Measured:
     FORMAT_VERSION: ClassVar[int] = 1
     DESCRIPTION: ClassVar[str] = "a statistic file"  # how messages name the format
 
+    @classmethod
+    def noun(cls) -> str:
+        """The format's name without its article, e.g. ``mask-Fisher file``."""
+        return cls.DESCRIPTION.removeprefix("a ")
+
     shape: Optional[NodeShape] = None
     fingerprint: str = ""
     model: str = ""
