@@ -5,6 +5,7 @@ any work" case asserts that no calibration ran (no cache entry, no staging file,
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -224,6 +225,13 @@ def test_a_max_length_below_the_special_tokens_is_refused(arch, pairs, minimum, 
     result = cli("calibrate", model_zoo(arch), "--data", data_for(arch, tmp_path), "--out", tmp_path / "g.safetensors",
                  "--max-length", minimum - 1)
     assert f"Use --max-length {minimum} or more" in str(result.exception)
+
+
+def test_a_refused_max_length_is_not_preceded_by_a_data_size_warning(model_zoo, text_data, tmp_path, no_work, caplog):
+    settings = CalibrationSettings(samples=1000, max_length=2)  # more samples than the data has, and too short
+    with caplog.at_level(logging.WARNING), pytest.raises(SettingsError, match="max_length 2 leaves no room"):
+        calibrate(str(model_zoo("bert")), str(text_data), tmp_path / "f.safetensors", settings)
+    assert "usable examples" not in caplog.text, caplog.text
 
 
 def test_the_recorded_max_length_is_the_one_used(model_zoo, tmp_path):

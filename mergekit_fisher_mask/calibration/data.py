@@ -63,6 +63,7 @@ class CalibrationData:
     labels: Optional[List[Any]]
     rows: List[int]
     description: Dict
+    shortfall: str = ""  # the warning when fewer usable examples exist than were asked for
 
 
 @contextlib.contextmanager
@@ -278,8 +279,10 @@ def select_examples(
     label_column: Optional[str] = None,
     target_column: Optional[str] = None,
     needs_labels: bool = False,
+    warn_shortfall: bool = True,
 ) -> CalibrationData:
-    """Shuffle with ``seed``, drop empty examples and take the first ``samples``; warn if fewer exist.
+    """Shuffle with ``seed``, drop empty examples and take the first ``samples``; warn if fewer exist (or, with
+    ``warn_shortfall=False``, leave the warning in ``shortfall`` for the caller to say after its own checks).
 
     The columns depend on the model's ``task``: text (or pairs) and a label for sequence classifiers; text, chat
     ``messages`` or ``prompt``/``completion`` for language models; a word list and per-word tags for token
@@ -319,10 +322,12 @@ def select_examples(
     if not examples:
         why = _skipped(reasons) if reasons else "it holds no rows"
         raise CalibrationDataError(f"Calibration data {source} has no usable example in column(s) {text_cols}: {why}.")
+    shortfall = ""
     if len(examples) < samples:
         why = f" ({_skipped(reasons)})" if reasons else ""
-        LOG.warning("Calibration data %s has only %d usable examples; %d were asked for%s.", source, len(examples),
-                    samples, why)
+        shortfall = f"Calibration data {source} has only {len(examples)} usable examples; {samples} were asked for{why}."
+        if warn_shortfall:
+            LOG.warning("%s", shortfall)
     description = {
         "source": source,
         "kind": kind,
@@ -330,7 +335,7 @@ def select_examples(
         "label_column": label_col,
         "rows_available": available,
     }
-    return CalibrationData(kind, examples, labels if label_col else None, numbers, description)
+    return CalibrationData(kind, examples, labels if label_col else None, numbers, description, shortfall)
 
 
 def _class_id(label: Any, label2id: Dict[str, int], num_labels: int, where: str) -> int:
