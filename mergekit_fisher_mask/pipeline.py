@@ -133,8 +133,10 @@ def run_fisher_merge(
     from mergekit.merge import run_merge
 
     out = user_path(out_path)
-    if merge_options.device:  # mergekit's --cuda / --device: a device this machine has
-        check_device_available(merge_options.device, name="cuda" if merge_options.cuda else "device")
+    if merge_options.device:  # mergekit's --gpu-rich, --cuda or --device: a device this machine has
+        given = ("gpu_rich" if getattr(merge_options, "gpu_rich", False) else "cuda" if merge_options.cuda
+                 else "device")
+        check_device_available(merge_options.device, name=given)
     with recipe_keys():  # settings from the recipe are named as its keys
         recipe = load_recipe(recipe_path)
         for request in recipe.calibrations if recipe.plugin else ():

@@ -250,11 +250,12 @@ def test_a_device_map_naming_a_missing_gpu_is_refused_before_any_work(model_zoo,
 
 
 @cpu_only
-def test_merge_with_cuda_on_a_machine_without_one_is_refused_before_any_work(setup, tmp_path, no_work):
+@pytest.mark.parametrize("flag", ["--cuda", "--gpu-rich"])
+def test_merge_with_cuda_on_a_machine_without_one_is_refused_before_any_work(setup, tmp_path, no_work, flag):
     _, _, recipe = setup
-    result = cli("merge", recipe, tmp_path / "out", "--cuda")
+    result = cli("merge", recipe, tmp_path / "out", flag)
     assert isinstance(result.exception, SettingsError), result.output
-    assert "--cuda asks for device cuda" in str(result.exception) and "no accelerator" in str(result.exception)
+    assert f"{flag} asks for device cuda" in str(result.exception) and "no accelerator" in str(result.exception)
     assert not (tmp_path / "out").exists()
 
 
