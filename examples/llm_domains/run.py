@@ -11,8 +11,9 @@ merged pair by pair and all at once, scored by the share of each fine-tune's gai
   split by top-level module), ``email`` (SpamAssassin messages as raw RFC822 text, one in ten held out),
   ``reviews`` (Amazon Fine Foods, modeldata's split) and ``brown`` (the Brown corpus, split by file).
 * Fine-tune: ``--steps`` steps of continued pre-training on ``--batch`` x 128-token windows of the domain's training
-  text, AdamW at a constant ``--lr``. The seed picks the windows and their order. Checkpoints are kept per step count
-  and a longer run resumes from the last one, so step counts can be compared without retraining.
+  text, AdamW at peak ``--lr`` with ``--schedule`` (default ``linear``: 10% warmup, then decay to 0). The seed picks
+  the windows and their order. Checkpoints are kept per step count; a ``constant``-rate run resumes from the last
+  one, so its step counts can be compared without retraining.
 * Merges: every pair of domains and all of them, with every row of :data:`METHODS`. Data-aware rows read a per-model
   statistic (:class:`Statistic`) written by a public ``mergekit_fisher_mask`` calibrator on the model's own
   training text. Rows of one ``family`` differ by one knob; the report picks the family's best knob per base model
@@ -58,7 +59,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 import mergekit_fisher_mask as mfm  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))  # 1 when two evidence jobs share 2 cores
 BLOCK = 128
 EVAL_SEED = 1234  # the held-out windows are the same for every seed and step count
 DOMAINS = ("austen", "code", "email", "reviews", "brown")
@@ -149,13 +150,26 @@ def checkpoints(folder: Path) -> Dict[int, Path]:
     return {int(p.name[4:]): p for p in folder.glob("step*") if (p / "train.json").exists()}
 
 
-def finetune(base: Path, text: Path, folder: Path, steps: int, batch: int, lr: float, seed: int) -> Path:
-    """``folder/step<steps>``: continued pre-training for ``steps`` steps (cached). Resumes from the longest shorter
-    run that kept its optimizer state; only the latest checkpoint keeps it."""
+def learning_rate(schedule: str, lr: float, step: int, steps: int) -> float:
+    """``constant``: ``lr`` throughout. ``linear``: warm up over the first 10% of the steps, then decay linearly to
+    0 at ``steps``, so the fine-tune ends at a settled point rather than where the last noisy steps left it."""
+    if schedule == "constant":
+        return lr
+    warmup = max(1, steps // 10)
+    return lr * min((step + 1) / warmup, (steps - step) / max(1, steps - warmup))
+
+
+def finetune(base: Path, text: Path, folder: Path, steps: int, batch: int, lr: float, seed: int,
+             schedule: str = "constant") -> Path:
+    """``folder/step<steps>``: continued pre-training for ``steps`` steps (cached). A constant-rate run resumes
+    from the longest shorter run that kept its optimizer state (only the latest checkpoint keeps it); a decaying
+    schedule depends on ``steps``, so each step count is a run of its own."""
     done = checkpoints(folder)
     if steps in done:
         return done[steps]
-    start = max((s for s, p in done.items() if s < steps and (p / "optimizer.pt").exists()), default=0)
+    start = 0
+    if schedule == "constant":
+        start = max((s for s, p in done.items() if s < steps and (p / "optimizer.pt").exists()), default=0)
     source = done[start] if start else base
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
@@ -170,6 +184,8 @@ def finetune(base: Path, text: Path, folder: Path, steps: int, batch: int, lr: f
     begin = time.time()
     for step in range(start, steps):
         inputs = data[step * batch : (step + 1) * batch]
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(schedule, lr, step, steps)
         loss = model(input_ids=inputs, labels=inputs).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -180,10 +196,12 @@ def finetune(base: Path, text: Path, folder: Path, steps: int, batch: int, lr: f
     tmp = folder / f".step{steps}.tmp"
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    if schedule == "constant":  # only a constant-rate run can be continued
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     seconds = round(time.time() - begin, 1)
     (tmp / "train.json").write_text(json.dumps({
-        "steps": steps, "batch": batch, "block": BLOCK, "lr": lr, "seed": seed, "resumed_from": start,
+        "steps": steps, "batch": batch, "block": BLOCK, "lr": lr, "schedule": schedule, "seed": seed,
+        "resumed_from": start,
         "seconds": seconds, "seconds_per_step": round(seconds / (steps - start), 2),
         "first_loss": history[0], "last_10_mean_loss": statistics.mean(history[-10:]), "losses": history}))
     tmp.rename(out)
@@ -281,10 +299,11 @@ class SeedRun:
 
     def __init__(self, args, base: Path, text, scorer: Scorer, seed: int):
         self.args, self.base, self.text, self.scorer, self.seed = args, base, text, scorer, seed
-        self.root = args.work / f"lr{args.lr:g}-batch{args.batch}" / f"seed{seed}"
+        schedule = "" if args.schedule == "constant" else f"-{args.schedule}"  # constant runs keep their old folder
+        self.root = args.work / f"lr{args.lr:g}-batch{args.batch}{schedule}" / f"seed{seed}"
         self.cells = self.root / "cells" / f"step{args.steps}-eval{args.eval_blocks}"
         self.models = {d: finetune(base, text[d]["train"], self.root / "finetune" / d, args.steps, args.batch,
-                                   args.lr, seed) for d in args.domains}
+                                   args.lr, seed, args.schedule) for d in args.domains}
         self.training = {d: json.loads((self.models[d] / "train.json").read_text()) for d in args.domains}
         self._states = None
 
@@ -398,7 +417,7 @@ def markdown(report: dict) -> str:
     t = report["training"]
     lines = [f"# {report['base']}: merges of {', '.join(domains)} fine-tunes", "",
              f"Fine-tunes: {t['steps']} steps of continued pre-training, {t['batch']} x {BLOCK} tokens, AdamW lr "
-             f"{t['lr']:g} constant; seeds {', '.join(map(str, seeds))} (the seed picks the training windows and their "
+             f"{t['lr']:g} ({t.get('schedule', 'constant')} schedule); seeds {', '.join(map(str, seeds))} (the seed picks the training windows and their "
              f"order). Held-out perplexity on {report['eval_tokens_per_domain']} tokens per domain. Statistics: "
              f"{report['calibration_samples']} training examples of {BLOCK} tokens per model.", "",
              "**Gain kept** = (log ppl_base - log ppl_merged) / (log ppl_base - log ppl_finetune) on each merged "
@@ -445,10 +464,10 @@ def pilot_markdown(records: List[dict]) -> str:
     lines = ["# Pilot: the share of the fine-tunes' gain that `linear` keeps", "",
              "Mean over the combinations (all pairs and all at once) of the gain kept, averaged over each "
              "combination's domains. The benchmark counts when linear keeps at most about 0.85.", "",
-             "| domains | steps | lr | seed | linear gain kept | per combination | fine-tune ppl (own domain) | "
-             "base ppl |", "|---|---|---|---|---|---|---|---|"]
+             "| domains | steps | lr | schedule | seed | linear gain kept | per combination | "
+             "fine-tune ppl (own domain) | base ppl |", "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
-        lines.append(f"| {' '.join(r['domains'])} | {r['steps']} | {r['lr']:g} | {r['seed']} | **{r['mean']:.3f}** | "
+        lines.append(f"| {' '.join(r['domains'])} | {r['steps']} | {r['lr']:g} | {r.get('schedule', 'constant')} | {r['seed']} | **{r['mean']:.3f}** | "
                      + ", ".join(f"{c} {v:.3f}" for c, v in r["per_combination"].items()) + " | "
                      + ", ".join(f"{d} {v:.2f}" for d, v in r["finetune_ppl"].items()) + " | "
                      + ", ".join(f"{d} {v:.2f}" for d, v in r["base_ppl"].items()) + " |")
@@ -458,9 +477,11 @@ def pilot_markdown(records: List[dict]) -> str:
 def record_pilot(args, seed: int, scores, individual, base_ppl) -> None:
     path = RESULTS / f"pilot_{args.base}.json"
     records = json.loads(path.read_text()) if path.exists() else []
-    key = (args.domains, args.steps, args.lr, seed, args.batch)
-    records = [r for r in records if (r["domains"], r["steps"], r["lr"], r["seed"], r["batch"]) != key]
-    records.append({"domains": args.domains, "steps": args.steps, "lr": args.lr, "seed": seed, "batch": args.batch,
+    key = (args.domains, args.steps, args.lr, args.schedule, seed, args.batch)
+    records = [r for r in records
+               if (r["domains"], r["steps"], r["lr"], r.get("schedule", "constant"), r["seed"], r["batch"]) != key]
+    records.append({"domains": args.domains, "steps": args.steps, "lr": args.lr, "schedule": args.schedule,
+                    "seed": seed, "batch": args.batch,
                     "mean": statistics.mean(scores["linear"].values()), "per_combination": scores["linear"],
                     "finetune_ppl": {d: individual[d][d] for d in args.domains}, "base_ppl": base_ppl})
     records.sort(key=lambda r: (r["domains"], r["lr"], r["steps"], r["seed"]))
@@ -475,9 +496,11 @@ def main(argv=None) -> int:
     parser.add_argument("--base", choices=list(BASES), default="smollm2")
     parser.add_argument("--domains", nargs="+", default=["austen", "code", "email"], choices=DOMAINS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--steps", type=int, default=160, help="continued-pretraining steps per domain")
+    parser.add_argument("--steps", type=int, default=40, help="continued-pretraining steps per domain")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate")
+    parser.add_argument("--schedule", choices=["linear", "constant"], default="linear",
+                        help="linear: 10%% warmup, then decay to 0; constant: --lr throughout (resumable)")
     parser.add_argument("--samples", type=int, default=64, help="calibration examples per model")
     parser.add_argument("--eval-blocks", type=int, default=48, help="held-out 128-token windows per domain")
     parser.add_argument("--methods", nargs="+", default=[r.name for r in METHODS], choices=[r.name for r in METHODS])
@@ -523,7 +546,8 @@ def main(argv=None) -> int:
         "command": "nice -n 10 python examples/llm_domains/run.py " + shlex.join(
             argv if argv is not None else sys.argv[1:]),
         "base": args.base, "domains": args.domains,
-        "training": {"steps": args.steps, "batch": args.batch, "lr": args.lr, "per_seed": training},
+        "training": {"steps": args.steps, "batch": args.batch, "lr": args.lr, "schedule": args.schedule,
+                     "per_seed": training},
         "eval_tokens_per_domain": args.eval_blocks * BLOCK, "calibration_samples": args.samples,
         "base_perplexity": base_ppl,
         "individual": {str(s): v for s, v in individual.items()},

@@ -2,6 +2,7 @@
 
     python examples/merge_grid/run.py [--cache examples/.cache] [--seeds 0 1 2] [--ablation-seeds 0 1 2]
         [--methods NAME ...] [--name results]
+    python examples/merge_grid/run.py --combine two_seeds seed2 --name three_seeds
 
 For each seed, one MiniLM classifier per task is fine-tuned (``examples/finetune_classifier.py``; seed s changes the
 training subset, the head's initialisation and the batch order), calibrated on its own training split, and every
@@ -202,35 +203,57 @@ def mean_se(values: List[float]):
     return mean, se
 
 
-def summarize(rows: List[dict], individual: Dict[int, Dict[str, float]], seeds: List[int], started: float) -> dict:
+def aggregate(rows: List[dict], seeds: List[int]) -> Dict[str, dict]:
+    """Per method with a cell for every seed: its mean over pairs per seed, and its mean over seeds per pair."""
     by = {}
     for row in rows:
         by.setdefault(row["method"], {}).setdefault(row["seed"], {})["+".join(row["pair"])] = row["normalized"]
-    complete = {name for name, per_seed in by.items() if set(per_seed) == set(seeds)}
-    data_free = [m.name for m in METHODS if m.data_free and m.name in complete]
-    best_free = max(data_free, key=lambda n: statistics.mean(v for s in seeds for v in by[n][s].values()), default=None)
-    methods = {}
-    for name, per_seed in by.items():
-        if set(per_seed) != set(seeds):
-            continue
-        seed_means = {s: statistics.mean(per_seed[s].values()) for s in seeds}
-        entry = {"per_seed_mean": seed_means, "mean": statistics.mean(seed_means.values()),
-                 "per_pair": {p: statistics.mean(per_seed[s][p] for s in seeds) for p in per_seed[seeds[0]]}}
+    return {name: {"per_seed_mean": {s: statistics.mean(per_seed[s].values()) for s in seeds},
+                   "per_pair": {p: statistics.mean(per_seed[s][p] for s in seeds) for p in per_seed[seeds[0]]}}
+            for name, per_seed in by.items() if set(per_seed) == set(seeds)}
+
+
+def combine(reports: List[dict]) -> Dict[str, dict]:
+    """The aggregates of reports on disjoint seeds as one: per-seed means side by side, per-pair means weighted by
+    each report's seed count (a mean over all the seeds, since every report averages the same pairs)."""
+    seeds = [s for r in reports for s in r["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--combine: the reports share seeds ({seeds}); give reports of disjoint seeds")
+    names = [n for n in reports[0]["methods"] if all(n in r["methods"] for r in reports)]
+    out = {}
+    for name in names:
+        entries = [(r["methods"][name], len(r["seeds"])) for r in reports]
+        out[name] = {"per_seed_mean": {s: v for e, _ in entries for s, v in e["per_seed_mean"].items()},
+                     "per_pair": {p: sum(e["per_pair"][p] * n for e, n in entries) / len(seeds)
+                                  for p in entries[0][0]["per_pair"]}}
+    return out
+
+
+def summarize(methods: Dict[str, dict], seeds: List[int], individual: Dict, started: float) -> dict:
+    """Means, and paired per-seed differences against ``linear`` and the best data-free row (with the worst pair)."""
+    seeds = [str(s) for s in seeds]  # keys as JSON writes them, so combined reports read the same way
+    methods = {n: {"per_seed_mean": {str(s): v for s, v in e["per_seed_mean"].items()}, "per_pair": e["per_pair"]}
+               for n, e in methods.items()}
+    for entry in methods.values():
+        entry["mean"] = statistics.mean(entry["per_seed_mean"][s] for s in seeds)
+    data_free = [m.name for m in METHODS if m.data_free and m.name in methods]
+    best_free = max(data_free, key=lambda n: methods[n]["mean"], default=None)
+    for entry in methods.values():
         for reference in ("linear", best_free):
-            if reference in complete:
-                diffs = [seed_means[s] - statistics.mean(by[reference][s].values()) for s in seeds]
-                pair_diffs = [statistics.mean(per_seed[s][p] - by[reference][s][p] for s in seeds)
-                              for p in per_seed[seeds[0]]]
+            if reference in methods:
+                ref = methods[reference]
+                diffs = [entry["per_seed_mean"][s] - ref["per_seed_mean"][s] for s in seeds]
                 entry[f"vs {reference}"] = {"mean": mean_se(diffs)[0], "se": mean_se(diffs)[1],
-                                            "worst_pair": min(pair_diffs)}
-        methods[name] = entry
+                                            "worst_pair": min(v - ref["per_pair"][p]
+                                                              for p, v in entry["per_pair"].items())}
     return {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, CPU only",
         "command": "python examples/merge_grid/run.py " + " ".join(sys.argv[1:]),
-        "seeds": seeds,
+        "seeds": [int(s) for s in seeds],
         "best_data_free": best_free,
         "individual_accuracy": individual,
-        "methods": methods,
+        "methods": {n: {k: e[k] for k in ("per_seed_mean", "mean", "per_pair", *[k for k in e if k.startswith("vs ")])}
+                    for n, e in methods.items()},
         "wall_seconds_this_run": round(time.time() - started),
     }
 
@@ -251,7 +274,7 @@ def markdown(report: dict, ablation: dict) -> str:
              "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | vs linear | vs best data-free | "
              "worst pair vs linear |", "|---|" + "---|" * (len(seeds) + 4)]
     for name, entry in sorted(report["methods"].items(), key=lambda kv: -kv[1]["mean"]):
-        cells = [f"{entry['per_seed_mean'][s]:.4f}" for s in seeds]
+        cells = [f"{entry['per_seed_mean'][str(s)]:.4f}" for s in seeds]
         vs_linear, vs_best = entry.get("vs linear", {}), entry.get(f"vs {best}", {})
         lines.append(
             f"| {name} | " + " | ".join(cells) + f" | **{entry['mean']:.4f}** | {difference(vs_linear)} | "
@@ -274,7 +297,20 @@ def main(argv=None) -> int:
     parser.add_argument("--methods", nargs="+", default=None, help="only these rows (default: every row)")
     parser.add_argument("--tasks", nargs="+", default=list(assets.TASKS), choices=assets.TASKS)
     parser.add_argument("--name", default="results", help="results file stem: results/<name>.{json,md}")
+    parser.add_argument("--combine", nargs="+", metavar="NAME", default=None,
+                        help="merge no model: write results/<name>.* from results/<NAME>.json files of disjoint seeds "
+                             "(the rows every one of them has)")
     args = parser.parse_args(argv)
+    if args.combine:
+        reports = [json.loads((RESULTS / f"{n}.json").read_text()) for n in args.combine]
+        seeds = [s for r in reports for s in r["seeds"]]
+        individual = {s: v for r in reports for s, v in r["individual_accuracy"].items()}
+        report = summarize(combine(reports), seeds, individual, time.time())
+        report["combined_from"] = [f"results/{n}.json" for n in args.combine]
+        (RESULTS / f"{args.name}.json").write_text(json.dumps(report, indent=2))
+        (RESULTS / f"{args.name}.md").write_text(markdown(report, {}))
+        print(markdown(report, {}))
+        return 0
     cache = args.cache.resolve()
     work = cache / "paper_protocol"  # fine-tuned models and Fisher files are shared with the paper protocol
     cells = cache / "merge_grid" / "cells"
@@ -331,7 +367,7 @@ def main(argv=None) -> int:
                     row = json.loads(cell_path(cells, seed, f"ablation {group} from {donor.name}", pair).read_text())
                     row["normalized"] = run.normalized(row["accuracy"])
                     ablation_rows.append(row)
-    report = summarize(rows, individual, args.seeds, started)
+    report = summarize(aggregate(rows, args.seeds), args.seeds, individual, started)
     ablation = {}
     default_mean = statistics.mean(
         r["normalized"] for r in rows if r["method"] == "fisher_mask (default)" and r["seed"] in args.ablation_seeds
