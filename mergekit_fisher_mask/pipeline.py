@@ -134,9 +134,8 @@ def run_fisher_merge(
 
     out = user_path(out_path)
     if merge_options.device:  # mergekit's --gpu-rich, --cuda or --device: a device this machine has
-        given = ("gpu_rich" if getattr(merge_options, "gpu_rich", False) else "cuda" if merge_options.cuda
-                 else "device")
-        check_device_available(merge_options.device, name=given)
+        typed = next((flag for flag in ("gpu_rich", "cuda") if getattr(merge_options, flag, False)), "device")
+        check_device_available(merge_options.device, name=typed)  # named as the option the user typed
     with recipe_keys():  # settings from the recipe are named as its keys
         recipe = load_recipe(recipe_path)
         for request in recipe.calibrations if recipe.plugin else ():

@@ -208,7 +208,7 @@ def aggregate(rows: List[dict], seeds: List[int]) -> Dict[str, dict]:
     by = {}
     for row in rows:
         by.setdefault(row["method"], {}).setdefault(row["seed"], {})["+".join(row["pair"])] = row["normalized"]
-    return {name: {"per_seed_mean": {s: statistics.mean(per_seed[s].values()) for s in seeds},
+    return {name: {"per_seed_mean": {str(s): statistics.mean(per_seed[s].values()) for s in seeds},  # JSON's keys
                    "per_pair": {p: statistics.mean(per_seed[s][p] for s in seeds) for p in per_seed[seeds[0]]}}
             for name, per_seed in by.items() if set(per_seed) == set(seeds)}
 
@@ -231,9 +231,8 @@ def combine(reports: List[dict]) -> Dict[str, dict]:
 
 def summarize(methods: Dict[str, dict], seeds: List[int], individual: Dict, started: float) -> dict:
     """Means, and paired per-seed differences against ``linear`` and the best data-free row (with the worst pair)."""
-    seeds = [str(s) for s in seeds]  # keys as JSON writes them, so combined reports read the same way
-    methods = {n: {"per_seed_mean": {str(s): v for s, v in e["per_seed_mean"].items()}, "per_pair": e["per_pair"]}
-               for n, e in methods.items()}
+    seeds = [str(s) for s in seeds]  # per_seed_mean is keyed as JSON writes it, in a run and in a combined report
+    methods = {n: dict(e) for n, e in methods.items()}
     for entry in methods.values():
         entry["mean"] = statistics.mean(entry["per_seed_mean"][s] for s in seeds)
     data_free = [m.name for m in METHODS if m.data_free and m.name in methods]
@@ -252,8 +251,7 @@ def summarize(methods: Dict[str, dict], seeds: List[int], individual: Dict, star
         "seeds": [int(s) for s in seeds],
         "best_data_free": best_free,
         "individual_accuracy": individual,
-        "methods": {n: {k: e[k] for k in ("per_seed_mean", "mean", "per_pair", *[k for k in e if k.startswith("vs ")])}
-                    for n, e in methods.items()},
+        "methods": methods,
         "wall_seconds_this_run": round(time.time() - started),
     }
 

@@ -151,7 +151,6 @@ def plan_calibration(
         label_column=settings.label_column,
         target_column=settings.target_column,
         needs_labels=uses_loss and task in _LABELLED and settings.estimator.uses_labels,
-        warn_shortfall=False,  # said below, once the settings are known to be usable
     )
     labels = encode_labels(examples, config, source=data) if examples.labels is not None else None
     max_length = effective_max_length(settings.max_length, spec, config, where)
@@ -167,7 +166,7 @@ def plan_calibration(
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"{model_dir}: cannot load its tokenizer ({str(error).splitlines()[0]}).") from error
     _check_max_length(max_length, tokenizer, task, len(examples.description["text_columns"]) == 2, where)
-    if examples.shortfall:
+    if examples.shortfall:  # said only now that the settings are known to be usable
         LOG.warning("%s", examples.shortfall)
     dataset = CalibrationDataset(examples, tokenizer, max_length=max_length, labels=labels, source=data)
     if task == Task.CAUSAL_LM:

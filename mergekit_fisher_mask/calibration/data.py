@@ -279,10 +279,9 @@ def select_examples(
     label_column: Optional[str] = None,
     target_column: Optional[str] = None,
     needs_labels: bool = False,
-    warn_shortfall: bool = True,
 ) -> CalibrationData:
-    """Shuffle with ``seed``, drop empty examples and take the first ``samples``; warn if fewer exist (or, with
-    ``warn_shortfall=False``, leave the warning in ``shortfall`` for the caller to say after its own checks).
+    """Shuffle with ``seed``, drop empty examples and take the first ``samples``. If fewer exist, ``shortfall`` says
+    so, for the caller to warn once its own checks have passed.
 
     The columns depend on the model's ``task``: text (or pairs) and a label for sequence classifiers; text, chat
     ``messages`` or ``prompt``/``completion`` for language models; a word list and per-word tags for token
@@ -326,8 +325,6 @@ def select_examples(
     if len(examples) < samples:
         why = f" ({_skipped(reasons)})" if reasons else ""
         shortfall = f"Calibration data {source} has only {len(examples)} usable examples; {samples} were asked for{why}."
-        if warn_shortfall:
-            LOG.warning("%s", shortfall)
     description = {
         "source": source,
         "kind": kind,
