@@ -49,30 +49,42 @@ def main(ctx: click.Context) -> None:
 @click.option("--full", is_flag=True, help="Full diagonal Fisher of every parameter (for merge method `fisher`).")
 @click.option("--gram", is_flag=True, help="RegMean's Gram matrices of every linear layer input (for merge method "
               "`regmean`); --out is a folder.")
-@click.option("--overwrite", is_flag=True, help="Replace --out if it already holds a Fisher of this tool.")
+@click.option("--gram-out", type=UserPath(), default=None,
+              help="Also measure RegMean's Gram matrices in the same pass as the mask Fisher (saving the Gram pass's "
+              "forwards) and write them to this folder.")
+@click.option("--overwrite", is_flag=True, help="Replace --out (and --gram-out) if it already holds a file of this "
+              "tool.")
 @calibration_options
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def calibrate(model, data, out, full, gram, overwrite, settings: CalibrationSettings, quiet) -> None:
+def calibrate(model, data, out, full, gram, gram_out, overwrite, settings: CalibrationSettings, quiet) -> None:
     """Measure the Fisher information of MODEL's mask nodes (a local folder or a Hub id) on DATA; with --full, of
-    every parameter; with --gram, RegMean's Gram matrices."""
+    every parameter; with --gram, RegMean's Gram matrices; with --gram-out, the mask Fisher and the Grams in one
+    pass."""
     from accelerate import PartialState
 
-    from .calibration.api import measure_statistic
+    from .calibration.api import measure_statistics
     from .files import FullFisher, GramStats, MaskFisher
 
     if full and gram:
         raise FisherMaskError("--full and --gram measure different statistics; give one of them (a run each).")
+    if gram_out is not None and (full or gram):
+        given = "--full" if full else "--gram"
+        raise FisherMaskError(f"--gram-out adds the Gram matrices to a mask-Fisher run; with {given} it does not "
+                              "apply. Drop --gram-out, or measure the mask Fisher.")
     record = FullFisher if full else GramStats if gram else MaskFisher
-    result = measure_statistic(record, model, data, out, settings, overwrite=overwrite, progress=not quiet)
+    outputs = {record: out, **({GramStats: gram_out} if gram_out is not None else {})}
+    results = measure_statistics(outputs, model, data, settings, overwrite=overwrite, progress=not quiet,
+                                 out_names={record: "out", GramStats: "gram_out" if gram_out is not None else "out"})
     if PartialState().is_main_process:
-        if gram:
-            how = f"{len(result.inputs)} Gram matrices stored in {result.gram_dtype}"
-        else:
-            contents = (f"{len(result.tensors)} tensors" if full else
-                        ", ".join(f"{key} {tuple(value.shape)}" for key, value in result.groups.items()))
-            how = f"estimator {result.estimator}, loss {result.loss}, {contents}"
-        click.echo(f"Wrote {out}: {record.DESCRIPTION.removeprefix('a ')} of {result.samples} samples, weights in "
-                   f"{result.dtype}, {how}", err=True)
+        for kind, result in results.items():
+            if kind is GramStats:
+                how = f"{len(result.inputs)} Gram matrices stored in {result.gram_dtype}"
+            else:
+                contents = (f"{len(result.tensors)} tensors" if full else
+                            ", ".join(f"{key} {tuple(value.shape)}" for key, value in result.groups.items()))
+                how = f"estimator {result.estimator}, loss {result.loss}, {contents}"
+            click.echo(f"Wrote {outputs[kind]}: {kind.DESCRIPTION.removeprefix('a ')} of {result.samples} samples, "
+                       f"weights in {result.dtype}, {how}", err=True)
 
 
 @main.command(cls=PrettyPrintHelp)

@@ -75,7 +75,7 @@ def option(name: str) -> str:
 
 
 # Python parameter -> what a message calls the thing it names, where that reads better than the parameter itself.
-_API_SUBJECTS = {"out": "output", "cache_dir": "calibration cache", "offload_folder": "offload folder"}
+_API_SUBJECTS = {"out": "output", "gram_out": "Gram output", "cache_dir": "calibration cache", "offload_folder": "offload folder"}
 
 
 def subject(name: str) -> str:

@@ -295,3 +295,46 @@ def test_scale_multiplies_the_change_from_the_base(llamas, tmp_path):
         torch.testing.assert_close(scaled[name], base[name] + 1.5 * (plain[name] - base[name]), rtol=1e-5, atol=1e-6)
     with pytest.raises(FisherMaskError, match="scale multiplies the merge's change from the base model"):
         merge_state_dicts(states, REGMEAN, parameters={"gram": paths, "scale": 1.5})
+
+
+def test_one_pass_measures_the_mask_fisher_and_the_grams_of_two_passes(model_zoo, tmp_path):
+    from mergekit_fisher_mask import MaskFisher, calibrate
+
+    model = model_zoo("llama", num_hidden_layers=4)
+    data = data_for("llama", tmp_path)
+    mask = calibrate(str(model), str(data), tmp_path / "mask.safetensors", SETTINGS, progress=False)
+    grams = calibrate_gram(str(model), str(data), tmp_path / "grams", SETTINGS, progress=False)
+    offload = CalibrationSettings(**{**SETTINGS.model_dump(exclude_unset=True), "device_map": "auto",
+                                     "max_memory": "cpu=60KB", "offload_folder": str(tmp_path / "w")})
+    for name, settings in (("memory", SETTINGS), ("offloaded", offload)):  # offloaded: layers recomputed in backward
+        joint = calibrate(str(model), str(data), tmp_path / f"{name}.safetensors", settings, progress=False,
+                          gram_out=tmp_path / f"{name}-grams")
+        assert MaskFisher.read(tmp_path / f"{name}.safetensors").samples == joint.samples == mask.samples
+        for key, value in mask.groups.items():
+            torch.testing.assert_close(joint.groups[key], value, rtol=1e-5, atol=1e-9)
+        together = GramStats.read(tmp_path / f"{name}-grams")
+        assert together.estimator == "forward" and together.samples == grams.samples
+        for key, entry in grams.inputs.items():
+            assert together.inputs[key].tokens == entry.tokens  # each real token counted once
+            torch.testing.assert_close(together.grams[key], grams.grams[key], rtol=1e-5, atol=1e-5)
+
+
+def test_gram_out_is_checked_like_out_before_any_work(model_zoo, tmp_path):
+    from mergekit_fisher_mask import calibrate
+
+    model = model_zoo("llama")
+    data = data_for("llama", tmp_path)
+    with pytest.raises(FisherMaskError, match="output .* is the Gram output"):
+        calibrate(str(model), str(data), tmp_path / "same", SETTINGS, gram_out=tmp_path / "same")
+    with pytest.raises(FisherMaskError, match="Gram output .* lies inside the model folder"):
+        calibrate(str(model), str(data), tmp_path / "m.safetensors", SETTINGS, gram_out=model / "grams")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    result = CliRunner().invoke(main, ["calibrate", str(model), "--data", str(data), "--out",
+                                       str(tmp_path / "m.safetensors"), "--gram-out", str(tmp_path / "mine")])
+    assert result.exit_code != 0 and "--gram-out" in str(result.exception or result.output)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep" and not (tmp_path / "m.safetensors").exists()
+    result = CliRunner().invoke(main, ["calibrate", str(model), "--data", str(data), "--full", "--out",
+                                       str(tmp_path / "f"), "--gram-out", str(tmp_path / "g")])
+    assert "--gram-out adds the Gram matrices to a mask-Fisher run; with --full" in str(result.exception)
+    assert not (tmp_path / "f").exists() and not (tmp_path / "g").exists()

@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import assets  # noqa: E402
 
-MODES = ("forward", "mask", "mask-batch", "full", "gram")
+MODES = ("forward", "mask", "mask-batch", "full", "gram", "mask+gram")  # mask+gram: one pass, both
 # Llama shapes of the Gram size table: (hidden, FFN, layers, heads, KV heads)
 SIZE_TABLE = {"Llama-3.2-1B": (2048, 8192, 16, 32, 8), "Llama-3.1-8B": (4096, 14336, 32, 32, 8),
               "Llama-3.1-70B": (8192, 28672, 80, 64, 8)}
@@ -59,6 +59,12 @@ def measure_calibration(model: str, data: str, mode: str, samples: int, batch: i
                             accelerator=run.accelerator, progress=False)
     elif mode == "gram":
         compute_gram(run.model, run.loader, settings, accelerator=run.accelerator, progress=False)
+    elif mode == "mask+gram":  # what calibrate(..., gram_out=...) runs
+        from mergekit_fisher_mask.calibration import GramInputs
+
+        with GramInputs(run.model) as grams:
+            compute_mask_fisher(run.model, run.loader, settings, accelerator=run.accelerator, progress=False,
+                                rider=grams)
     else:
         compute_full_fisher(run.model, run.loader, settings, accelerator=run.accelerator, progress=False)
     seconds = time.perf_counter() - start

@@ -11,6 +11,7 @@ called ``calibrate`` before 0.3; ``mergekit_fisher_mask.calibrate.*`` still impo
 
 from ..settings import check_estimator
 from .api import (
+    JOINT_PASSES,
     PASSES,
     CalibrationPlan,
     calibrate,
@@ -20,6 +21,7 @@ from .api import (
     load_calibration,
     make_accelerator,
     measure_statistic,
+    measure_statistics,
     placed_model,
     plan_calibration,
     prepare_calibration,
@@ -32,6 +34,7 @@ from .mask_pass import auto_micro_batch_size, compute_mask_fisher, micro_batch_s
 from .placement import Placement
 
 __all__ = [
+    "JOINT_PASSES",
     "PASSES",
     "CalibrationPass",
     "CalibrationPlan",
@@ -53,6 +56,7 @@ __all__ = [
     "load_calibration",
     "make_accelerator",
     "measure_statistic",
+    "measure_statistics",
     "micro_batch_sizer",
     "placed_model",
     "model_inputs",

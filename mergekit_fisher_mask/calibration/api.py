@@ -9,7 +9,8 @@ The steps, each usable on its own:
    its record type writes the file.
 
 :func:`calibrate`, :func:`calibrate_full` and :func:`calibrate_gram` run all three for one statistic each, through
-one body (:func:`measure_statistic`).
+one body (:func:`measure_statistics`); ``calibrate(..., gram_out=...)`` measures the mask Fisher and RegMean's Grams in
+one pass (:data:`JOINT_PASSES`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import Any, Callable, Dict, FrozenSet, Mapping, Optional, Sequence, Union
 
 from ..architectures import ArchitectureSpec, NodeShape, get_architecture
 from ..checkpoints import has_tokenizer, load_config, model_fingerprint, resolve_model_dir
@@ -34,6 +35,7 @@ from .engine import CalibrationPass, PreparedCalibration
 from .full_pass import PASS as FULL_PASS
 from .gram_pass import PASS as GRAM_PASS
 from .mask_pass import PASS as MASK_PASS
+from .mask_pass import measure_with_grams
 from .placement import accelerator_type, check_device_map, load_model
 
 LOG = logging.getLogger(__name__)
@@ -43,6 +45,8 @@ SettingsLike = Union[CalibrationSettings, Mapping[str, Any], None]
 _LABELLED = (Task.CLASSIFICATION, Task.REGRESSION, Task.TOKEN_CLASSIFICATION)
 # The statistic each file format holds, and the pass that measures it.
 PASSES: Dict[type, CalibrationPass] = {MaskFisher: MASK_PASS, FullFisher: FULL_PASS, GramStats: GRAM_PASS}
+# Statistics that one pass measures together: ``measure(run, progress=...) -> ({record: fields}, N)``.
+JOINT_PASSES: Dict[FrozenSet[type], Callable] = {frozenset({MaskFisher, GramStats}): measure_with_grams}
 
 
 def make_accelerator():
@@ -262,18 +266,20 @@ def _provenance(run: PreparedCalibration, model, count: int, statistic: Calibrat
     }
 
 
-def check_settings_apply(settings: CalibrationSettings, record: type, *, where: str = "",
+def check_settings_apply(settings: CalibrationSettings, record: Union[type, Sequence[type]], *, where: str = "",
                          remedy: str = "measure that instead") -> None:
-    """Refuse pass-specific settings (say ``gram_inputs``) given for a statistic whose pass does not read them;
-    ``where`` (e.g. a recipe's model) starts the message, ``remedy`` ends it."""
-    unread = settings.unread_settings(PASSES[record].settings_read)
+    """Refuse pass-specific settings (say ``gram_inputs``) given for a statistic (or statistics measured together)
+    whose pass does not read them; ``where`` (e.g. a recipe's model) starts the message, ``remedy`` ends it."""
+    records = (record,) if isinstance(record, type) else tuple(record)
+    unread = settings.unread_settings(set().union(*(PASSES[r].settings_read for r in records)))
     if unread:
         names = ", ".join(option(name) for name in unread)
         readers = sorted({PASSES[other].description for name in unread for other in PASSES
                           if name in PASSES[other].settings_read})
         one = len(unread) == 1
+        measured = " and the ".join(PASSES[r].description for r in records)
         raise SettingsError(f"{where + ': ' if where else ''}{names} {'does' if one else 'do'} not apply to the "
-                            f"{PASSES[record].description} this run measures; {'it is' if one else 'they are'} read "
+                            f"{measured} this run measures; {'it is' if one else 'they are'} read "
                             f"only when measuring the {' or the '.join(readers)}. Remove {'it' if one else 'them'}, "
                             f"or {remedy}.")
 
@@ -298,28 +304,66 @@ def measure_statistic(
     work. ``plan`` reuses an earlier :func:`plan_calibration`; ``out_name`` is how messages name ``out``. Runs under
     any ``accelerate launch`` configuration; only the main process writes.
     """
-    statistic = PASSES[record]
+    return measure_statistics({record: out}, model, data, settings, overwrite=overwrite, accelerator=accelerator,
+                              progress=progress, plan=plan, out_names={record: out_name})[record]
+
+
+def measure_statistics(
+    outputs: Mapping[type, PathLike],
+    model: PathLike,
+    data: str,
+    settings: SettingsLike = None,
+    *,
+    overwrite: bool = False,
+    accelerator=None,
+    progress: bool = True,
+    plan: Optional[CalibrationPlan] = None,
+    out_names: Optional[Mapping[type, str]] = None,
+) -> Dict[type, Measured]:
+    """Measure the statistics of ``outputs`` (``{file format: path}``: one of :data:`PASSES`, or a set that
+    :data:`JOINT_PASSES` measures in one pass) and write each to its path; return them by format.
+
+    Every output gets :func:`measure_statistic`'s checks before any work, and no output may equal or contain
+    another. ``out_names`` says how messages name each path (default ``out``).
+    """
+    records = tuple(outputs)
+    measure = PASSES[records[0]].measure if len(records) == 1 else JOINT_PASSES.get(frozenset(records))
+    if measure is None:
+        raise SettingsError(f"{' and '.join(PASSES[r].description for r in records)} are not measured in one pass; "
+                            "run a calibration for each.")
+    names = {record: (out_names or {}).get(record, "out") for record in records}
     settings = _settings(settings)
-    check_settings_apply(settings, record)
-    out = user_path(out)
+    check_settings_apply(settings, records)
+    paths = {record: user_path(path) for record, path in outputs.items()}
     with _library_progress(progress):
         model_dir = resolve_model_dir(model)  # the one download of a Hub id
         config = load_config(model_dir)
-        statistic.check(config, settings)
+        for record in records:
+            PASSES[record].check(config, settings)
         inputs = {"the model folder": model_dir}
-        claim = claim_output(out, record.OUTPUT, overwrite=overwrite, inputs=inputs, name=out_name,
-                             needed_bytes=statistic.output_bytes(model_dir, config, settings))
+        claims = {}
+        for record in records:
+            others = {f"the {subject(names[r])}": paths[r] for r in records if r is not record}
+            claims[record] = claim_output(paths[record], record.OUTPUT, overwrite=overwrite,
+                                          inputs={**inputs, **others}, name=names[record],
+                                          needed_bytes=PASSES[record].output_bytes(model_dir, config, settings))
         if settings.offload_folder:
-            check_scratch_folder(settings.offload_folder, inputs={**inputs, f"the {subject(out_name)}": out},
-                                 name="offload_folder")
-        plan = plan or plan_calibration(model_dir, data, settings, uses_loss=statistic.uses_loss)
-        with load_calibration(plan, accelerator, **statistic.model_options) as run:
-            fields, count = statistic.measure(run, progress=progress)
-            result = record(**fields, **_provenance(run, model, count, statistic))
+            written = {f"the {subject(names[r])}": paths[r] for r in records}
+            check_scratch_folder(settings.offload_folder, inputs={**inputs, **written}, name="offload_folder")
+        uses_loss = any(PASSES[record].uses_loss for record in records)
+        plan = plan or plan_calibration(model_dir, data, settings, uses_loss=uses_loss)
+        model_options = {key: value for record in records for key, value in PASSES[record].model_options.items()}
+        with load_calibration(plan, accelerator, **model_options) as run:
+            fields, count = measure(run, progress=progress)
+            if len(records) == 1:
+                fields = {records[0]: fields}
+            results = {record: record(**fields[record], **_provenance(run, model, count, PASSES[record]))
+                       for record in records}
         if run.accelerator.is_main_process:
-            result.save(out, claim)
+            for record in records:
+                results[record].save(paths[record], claims[record])
         run.accelerator.wait_for_everyone()
-    return result
+    return results
 
 
 def _calibrate_into(record: type, name: str, doc: str):
@@ -343,8 +387,27 @@ def _calibrate_into(record: type, name: str, doc: str):
     return run
 
 
-calibrate = _calibrate_into(MaskFisher, "calibrate", "Measure the mask Fisher of ``model`` (folder or Hub id) on "
-                            "``data``, write it to the file ``out`` and return the :class:`MaskFisher`.")
+def calibrate(
+    model: PathLike,
+    data: str,
+    out: PathLike,
+    settings: SettingsLike = None,
+    *,
+    overwrite: bool = False,
+    accelerator=None,
+    progress: bool = True,
+    gram_out: Optional[PathLike] = None,
+) -> MaskFisher:
+    """Measure the mask Fisher of ``model`` (folder or Hub id) on ``data``, write it to the file ``out`` and return
+    the :class:`MaskFisher`. With ``gram_out``, the same pass also measures RegMean's Gram matrices (the settings'
+    ``gram_inputs``) of the same examples and writes them as a sharded folder there, which saves the Gram pass's
+    forwards (read them with :meth:`GramStats.read`). The rules for ``out`` and processes are
+    :func:`measure_statistic`'s; ``gram_out`` gets the same checks."""
+    outputs = {MaskFisher: out, **({GramStats: gram_out} if gram_out is not None else {})}
+    return measure_statistics(outputs, model, data, settings, overwrite=overwrite, accelerator=accelerator,
+                              progress=progress, out_names={MaskFisher: "out", GramStats: "gram_out"})[MaskFisher]
+
+
 calibrate_full = _calibrate_into(FullFisher, "calibrate_full", "Measure the full diagonal Fisher of every parameter "
                                  "and write it as a sharded folder ``out`` (the settings' ``chunk_size`` examples' "
                                  "gradients are held at once); return the :class:`FullFisher`.")

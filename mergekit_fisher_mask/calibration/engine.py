@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, FrozenSet, Iterable, Optional, Tuple
+from typing import Any, Callable, ContextManager, Dict, FrozenSet, Iterable, Optional, Protocol, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -24,6 +24,7 @@ from .losses import Batch, model_inputs
 from .placement import Placement
 
 _COUNT = "__examples__"  # the example count travels with the sums through one reduce
+_RIDER = "rider/"  # a rider's sums travel with the pass's own through the same reduce
 
 
 def with_overrides(settings: Optional[CalibrationSettings], overrides: Dict[str, Any]) -> CalibrationSettings:
@@ -155,6 +156,20 @@ def reduce_sums(sums: Dict[str, torch.Tensor], examples: int, accelerator) -> Tu
     return sums, count
 
 
+class Rider(Protocol):
+    """A forward-only statistic measured in the forward passes of another pass (RegMean's Grams in the mask pass).
+
+    The pass wraps each forward whose inputs count in ``observing(batch)`` (never an activation-checkpointing
+    recompute during backward); ``collect()`` returns the rider's running sums on the CPU, and ``receive(sums)``
+    takes them back summed over processes (never averaged)."""
+
+    def observing(self, batch: Batch) -> ContextManager[None]: ...
+
+    def collect(self) -> Dict[str, torch.Tensor]: ...
+
+    def receive(self, sums: Dict[str, torch.Tensor]) -> None: ...
+
+
 def run_pass(
     model: torch.nn.Module,
     dataloader: Iterable[Batch],
@@ -167,12 +182,14 @@ def run_pass(
     progress: bool = True,
     trainable: bool = False,
     average: bool = True,
+    rider: Optional[Rider] = None,
 ) -> Tuple[Dict[str, torch.Tensor], int]:
     """Run ``step`` over every batch of a frozen model and return the reduced sums and the example count N.
 
     Each batch is moved to the model's input device and run under the settings' mixed precision. Sums are averaged
     over the N examples when ``average`` and the estimator squares per example; the ``batch`` estimator's sums are
-    returned as they are (squared per batch and summed, as the authors do).
+    returned as they are (squared per batch and summed, as the authors do). A ``rider`` (which ``step`` lets observe
+    its forwards) has its sums reduced in the same reduce and handed to it as they are.
     """
     show = progress and (accelerator is None or accelerator.is_main_process)
     device = context.placement.input_device
@@ -183,7 +200,11 @@ def run_pass(
             with autocast_context(context.settings.mixed_precision, accelerator, device):
                 step(batch)
             examples += batch["input_ids"].shape[0]
-    sums, count = reduce_sums(collect(), examples, accelerator)
+    riding = rider.collect() if rider is not None else {}
+    sums, count = reduce_sums({**collect(), **{_RIDER + name: value for name, value in riding.items()}}, examples,
+                              accelerator)
+    if rider is not None:
+        rider.receive({name: sums.pop(_RIDER + name) for name in riding})
     if count == 0:
         raise CalibrationDataError("The calibration dataloader yielded no examples; check the data source and --samples.")
     if average and not context.settings.estimator.per_batch:

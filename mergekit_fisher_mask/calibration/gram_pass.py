@@ -6,11 +6,16 @@ Phi-3's ``qkv_proj``, GPT-NeoX's ``query_key_value``, ModernBERT's ``Wqkv``) are
 (``attention_mask``), never padding. Sums are float32 on each layer's execution device, gathered to the CPU once, so
 device maps, CPU and disk offload and data parallelism work as for the mask pass. Routed experts of mixtures have
 no Gram: the merge takes them by its ``nonlinear`` rule and says so.
+
+The hooks are a :class:`~.engine.Rider`: the mask pass can carry them (``calibrate(..., gram_out=...)``), so one
+pass over the data measures the mask Fisher and the Grams of the same examples, saving the Gram pass's forwards.
+Only the forward of each micro-batch counts, never a recompute under activation checkpointing.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+import contextlib
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -35,7 +40,7 @@ class _GramHook:
     def __call__(self, module: nn.Module, args: tuple) -> None:
         if self.owner.tokens is None:
             return
-        x = args[0]
+        x = args[0].detach()  # riding a pass with gradients: the sum is no part of its graph
         real = self.owner.tokens.to(x.device)  # (B * T,) bool
         flat = x.reshape(-1, x.shape[-1])  # (B * T, d) for (B, T, d) and flattened inputs alike
         if flat.shape[0] == real.shape[0]:
@@ -63,6 +68,7 @@ class GramInputs:
         self.sums: Dict[str, torch.Tensor] = {}
         self.counts: Dict[str, int] = {}
         self.inputs: Dict[str, Tuple[Tuple[str, ...], int]] = {}
+        self._reduced: Optional[Dict[str, torch.Tensor]] = None
         self._handles: List = []
 
     def __enter__(self) -> "GramInputs":
@@ -95,6 +101,16 @@ class GramInputs:
         self._handles.clear()
         self.tokens = None
 
+    @contextlib.contextmanager
+    def observing(self, batch: Batch) -> Iterator[None]:
+        """Count the inputs of the forwards run in the block: the real tokens of ``batch``, as it is passed to the
+        model."""
+        self.tokens = batch["attention_mask"].flatten().bool()  # (B * T,)
+        try:
+            yield
+        finally:
+            self.tokens = None
+
     def collect(self) -> Dict[str, torch.Tensor]:
         """Gram sums and token counts (as one-element tensors, so that one reduce sums both) on the CPU."""
         out = {}
@@ -105,8 +121,22 @@ class GramInputs:
             out[f"{name}#tokens"] = torch.tensor([float(self.counts[name])], dtype=torch.float64)
         return out
 
+    def receive(self, sums: Dict[str, torch.Tensor]) -> None:
+        self._reduced = dict(sums)
 
-def _check_sites(settings: CalibrationSettings, spec) -> Optional[Tuple[str, ...]]:
+    def fields(self, settings: CalibrationSettings) -> Dict[str, Any]:
+        """The :class:`GramStats` fields of the reduced sums: the Grams (float32, CPU), each input's
+        :class:`GramInput` (real-token count and the weights that read it) and the storage dtype."""
+        if self._reduced is None:
+            raise FisherMaskError("The Gram sums are read after a pass has run with these hooks.")
+        sums = dict(self._reduced)
+        inputs = {name: GramInput(int(sums.pop(f"{name}#tokens").item()), weights, axis)
+                  for name, (weights, axis) in self.inputs.items()}
+        return {"grams": sums, "inputs": inputs, "gram_dtype": settings.gram_dtype.value}
+
+
+def check_sites(settings: CalibrationSettings, spec) -> Optional[Tuple[str, ...]]:
+    """The settings' ``gram_inputs`` (None: every input of the table), refused if the architecture lacks one."""
     sites = settings.gram_inputs
     if sites is None:
         return None
@@ -117,6 +147,20 @@ def _check_sites(settings: CalibrationSettings, spec) -> Optional[Tuple[str, ...
     return tuple(sites)
 
 
+def _gram_pass(model, dataloader, settings: CalibrationSettings, accelerator, progress: bool):
+    """The forward-only pass: the :class:`GramStats` fields and N."""
+    context = PassContext.of(model, settings, check=False)  # a forward statistic: no estimator, no labels
+    with GramInputs(model, check_sites(settings, context.spec)) as hooks, torch.no_grad():
+
+        def step(batch: Batch) -> None:
+            with hooks.observing(batch):
+                model(**model_inputs(batch))
+
+        _, count = run_pass(model, dataloader, step, dict, context=context, accelerator=accelerator,
+                            description="Gram matrices", progress=progress, average=False, rider=hooks)
+        return hooks.fields(settings), count
+
+
 def compute_gram(
     model, dataloader, settings: Optional[CalibrationSettings] = None, *, accelerator=None, progress: bool = True,
     **overrides,
@@ -124,29 +168,13 @@ def compute_gram(
     """Return ``(sums, inputs, N)``: each measured input's Gram sum ``sum_t x_t x_t^T`` (float32, on the CPU, summed
     over every process), its :class:`GramInput` (real-token count and the weights that read it), and the number of
     examples N. The settings' ``gram_inputs`` chooses which inputs are measured (default: all in the table)."""
-    settings = with_overrides(settings, overrides)
-    context = PassContext.of(model, settings, check=False)  # a forward statistic: no estimator, no labels
-    sites = _check_sites(settings, context.spec)
-
-    with GramInputs(model, sites) as hooks, torch.no_grad():
-
-        def step(batch: Batch) -> None:
-            hooks.tokens = batch["attention_mask"].flatten().bool()
-            model(**model_inputs(batch))
-            hooks.tokens = None
-
-        sums, count = run_pass(model, dataloader, step, hooks.collect, context=context, accelerator=accelerator,
-                               description="Gram matrices", progress=progress, average=False)
-        inputs = {name: GramInput(int(sums.pop(f"{name}#tokens").item()), weights, axis)
-                  for name, (weights, axis) in hooks.inputs.items()}
-    return sums, inputs, count
+    fields, count = _gram_pass(model, dataloader, with_overrides(settings, overrides), accelerator, progress)
+    return fields["grams"], fields["inputs"], count
 
 
 def measure(run: PreparedCalibration, *, progress: bool = True):
     """The Gram pass over a prepared run: the fields of its :class:`GramStats` and N."""
-    sums, inputs, count = compute_gram(run.model, run.loader, run.settings, accelerator=run.accelerator,
-                                       progress=progress)
-    return {"grams": sums, "inputs": inputs, "gram_dtype": run.settings.gram_dtype.value}, count
+    return _gram_pass(run.model, run.loader, run.settings, run.accelerator, progress)
 
 
 def check_gram_supported(config, settings: CalibrationSettings) -> None:
@@ -156,7 +184,7 @@ def check_gram_supported(config, settings: CalibrationSettings) -> None:
             f"RegMean (--gram) is not implemented for {spec.name}: its encoder-decoder layers have inputs from two "
             "stacks. Merge it with fisher_mask instead."
         )
-    _check_sites(settings, spec)
+    check_sites(settings, spec)
 
 
 def _gram_bytes(model_dir, config, settings: CalibrationSettings) -> int:

@@ -6,16 +6,18 @@ activation-only backward per batch. Estimators: see :class:`mergekit_fisher_mask
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from ..architectures import NodeShape
 from ..errors import FisherMaskError
-from ..files import MaskFisher
+from ..files import GramStats, MaskFisher
 from ..settings import Aggregate, CalibrationSettings, Estimator, MixedPrecision
 from ..tasks import Task
-from .engine import CalibrationPass, PassContext, PreparedCalibration, run_pass, with_overrides
+from .engine import CalibrationPass, PassContext, PreparedCalibration, Rider, run_pass, with_overrides
+from .gram_pass import GramInputs, check_sites
 from .losses import IGNORE, TARGETS, Batch, LabelSampler, classifier_logits, per_example_losses
 from .masks import MaskNodes, all_layers
 from .placement import checkpointed, return_freed_weights_to_the_os
@@ -81,10 +83,11 @@ class _MaskStep:
     """One batch of the mask pass: micro-batches, fresh masks, one backward each, per-group sums."""
 
     def __init__(self, model, nodes: MaskNodes, task: Task, estimator: Estimator, forward_fn, seed: int, micro,
-                 aggregate: Aggregate = Aggregate.MEAN, lm_chunk_bytes: Optional[int] = None):
+                 aggregate: Aggregate = Aggregate.MEAN, lm_chunk_bytes: Optional[int] = None,
+                 rider: Optional[Rider] = None):
         self.model, self.nodes, self.task, self.estimator, self.aggregate = model, nodes, task, estimator, aggregate
         self.forward_fn, self.sampler, self.micro = forward_fn, LabelSampler(seed), micro
-        self.lm_chunk_bytes = lm_chunk_bytes
+        self.lm_chunk_bytes, self.rider = lm_chunk_bytes, rider
         self.sums = GroupSums(nodes.shape.group_shapes())
 
     def __call__(self, batch: Batch) -> None:
@@ -104,7 +107,8 @@ class _MaskStep:
         """(site, value) per mask: sums over the micro-batch of squared per-example gradients (or of gradients for
         the ``batch`` estimator), shaped like one example's mask."""
         if self.estimator == Estimator.EXPECTED:
-            log_probs = torch.log_softmax(classifier_logits(self.model, batch), dim=-1)  # (B, C)
+            with self._observing(batch):
+                log_probs = torch.log_softmax(classifier_logits(self.model, batch), dim=-1)  # (B, C)
             sites, masks = zip(*self.nodes.created())
             probs = log_probs.exp().detach()
             out = [torch.zeros(m.shape[1:], device=m.device) for m in masks]
@@ -114,7 +118,8 @@ class _MaskStep:
                 for acc, grad in zip(out, grads):
                     acc += torch.tensordot(probs[:, c].to(grad.device), grad.float() ** 2, dims=1)  # (B,) . (B, ...)
             return list(zip(sites, out))
-        losses = self._losses(batch)  # (B,)
+        with self._observing(batch):
+            losses = self._losses(batch)  # (B,)
         sites, masks = zip(*self.nodes.created())
         grads = torch.autograd.grad(losses.sum(), masks)  # row n of each (B, ...) gradient is dL_n/dm
         if self.estimator.per_batch:
@@ -125,6 +130,10 @@ class _MaskStep:
             scale = 1 / totals.clamp_min(torch.finfo(torch.float64).tiny)
             squares = [s * scale.to(s.device, s.dtype).view(-1, *([1] * (s.dim() - 1))) for s in squares]
         return [(site, s.sum(dim=0)) for site, s in zip(sites, squares)]
+
+    def _observing(self, batch: Batch):
+        """The rider observes the forward only: a layer recomputed during backward is not counted again."""
+        return self.rider.observing(batch) if self.rider is not None else contextlib.nullcontext()
 
     def _losses(self, batch: Batch) -> torch.Tensor:
         if self.forward_fn is not None:
@@ -159,6 +168,7 @@ def compute_mask_fisher(
     forward_fn: Optional[ForwardFn] = None,
     progress: bool = True,
     activation_budget_bytes: Optional[int] = None,
+    rider: Optional[Rider] = None,
     **overrides,
 ) -> Tuple[Dict[str, torch.Tensor], int]:
     """Return ``({group key: Fisher}, N)``: float32 CPU tensors, the mean over all N examples of every process (the
@@ -178,7 +188,8 @@ def compute_mask_fisher(
     must be right-padded (a left-padded ``attention_mask`` is refused).
     A model dispatched by a device map (``from_pretrained(device_map=...)``) works as it is: masks and sums live on
     each layer's execution device, and offloaded or spread models run their layers under activation checkpointing.
-    Parameters are frozen for the pass and restored.
+    Parameters are frozen for the pass and restored. A ``rider`` (say entered :class:`~.gram_pass.GramInputs`)
+    observes each micro-batch's forward and gets its sums back reduced with the Fisher's.
     """
     settings = with_overrides(settings, overrides)
     context = PassContext.of(model, settings)
@@ -190,9 +201,10 @@ def compute_mask_fisher(
     layers = all_layers(model, context.spec)
     with MaskNodes(model, context.spec, context.shape) as nodes, checkpointed(layers, context.placement.checkpointing):
         step = _MaskStep(model, nodes, context.task, settings.estimator, forward_fn, settings.seed, micro,
-                         settings.aggregate, context.placement.logits_chunk())
+                         settings.aggregate, context.placement.logits_chunk(), rider)
         sums, count = run_pass(model, dataloader, step, step.sums.gather, context=context, accelerator=accelerator,
-                               description="Mask Fisher", progress=progress)
+                               description="Mask Fisher" + (" and Gram matrices" if rider else ""),
+                               progress=progress, rider=rider)
     return {key: value.float() for key, value in sums.items()}, count
 
 
@@ -201,6 +213,16 @@ def measure(run: PreparedCalibration, *, progress: bool = True) -> Tuple[Dict[st
     groups, count = compute_mask_fisher(run.model, run.loader, run.settings, accelerator=run.accelerator,
                                         progress=progress)
     return {"groups": groups}, count
+
+
+def measure_with_grams(run: PreparedCalibration, *, progress: bool = True):
+    """The mask pass carrying RegMean's Gram hooks, so one pass over the data measures both: the fields of its
+    :class:`MaskFisher` and of its :class:`GramStats` (of the same examples), by record type, and N."""
+    sites = check_sites(run.settings, PassContext.of(run.model, run.settings).spec)
+    with GramInputs(run.model, sites) as grams:
+        groups, count = compute_mask_fisher(run.model, run.loader, run.settings, accelerator=run.accelerator,
+                                            progress=progress, rider=grams)
+        return {MaskFisher: {"groups": groups}, GramStats: grams.fields(run.settings)}, count
 
 
 PASS = CalibrationPass(record=MaskFisher, measure=measure, description="mask Fisher",
