@@ -2,11 +2,13 @@
 sizes (measured, and the Gram formula for 1B-70B models), merge cost against `linear`, and scaling.
 
     python examples/benchmarks/run.py [--cache examples/.cache] [--repeats 3]
+    python examples/benchmarks/run.py --calibration-only [--repeats 2]   # results/calibration.{json,md}
 
 Needs the MiniLM classifiers of examples/merge_grid/run.py (seed 0) and the SmolLM2 asset (examples/assets.py); the
 second SmolLM2 of the merge benchmark is the base with small random changes, made here. Every measurement runs in a
 fresh process, so its peak RSS is its own; times exclude model loading and tokenization. Run it on an otherwise idle
-machine. Medians and (min-max) spreads go to examples/benchmarks/results/.
+machine. Medians and (min-max) spreads go to examples/benchmarks/results/. ``--calibration-only`` measures the
+calibration passes alone (SmolLM2, and MiniLM when its classifier is there) into results/calibration.{json,md}.
 """
 
 from __future__ import annotations
@@ -224,6 +226,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cache", type=Path, default=assets.DEFAULT_CACHE)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--calibration-only", action="store_true",
+                        help="only the calibration passes; results/calibration.{json,md}")
     args = parser.parse_args(argv)
     cache = args.cache.resolve()
     work = cache / "benchmarks"
@@ -232,6 +236,8 @@ def main(argv=None) -> int:
     tasks = list(assets.TASKS)
     classifiers = [cache / "paper_protocol" / "models" / "seed0" / t for t in tasks]
     missing = [str(p) for p in classifiers if not (p / "config.json").exists()]
+    if args.calibration_only:
+        return calibration_only(cache, work, classifiers[0], args.repeats, have_minilm=not missing)
     if missing:
         sys.exit(f"Missing models {missing}: run examples/merge_grid/run.py first.")
     lm_models = [assets.fetch_smollm2(cache), perturbed(assets.fetch_smollm2(cache), work / "smollm2-perturbed")]
@@ -304,17 +310,43 @@ def main(argv=None) -> int:
     return 0
 
 
-def markdown(report: dict) -> str:
-    def spread(entry, fmt="{:.2f}"):
-        return f"{fmt.format(entry['median'])} ({fmt.format(entry['min'])}-{fmt.format(entry['max'])})"
+def calibration_only(cache: Path, work: Path, minilm: Path, repeats: int, *, have_minilm: bool) -> int:
+    smollm = assets.fetch_smollm2(cache)
+    report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, CPU only",
+              "command": "python examples/benchmarks/run.py " + " ".join(sys.argv[1:]), "repeats": repeats,
+              "calibration": {}}
+    if have_minilm:
+        report["calibration"]["MiniLM classifier, 128 reviews, max_length 64, batch 32"] = calibration_table(
+            "minilm", minilm, assets.task_dir(cache, "rotten_tomatoes") / "train.jsonl", 32, 64, 128, 8, repeats)
+    report["calibration"]["SmolLM2-135M, 32 x 128 tokens, batch 32"] = calibration_table(
+        "smollm2", smollm, lm_chunks(cache, smollm, work / "austen_chunks.jsonl"), 32, 128, 32, 4, repeats)
+    results = HERE / "results"
+    results.mkdir(exist_ok=True)
+    (results / "calibration.json").write_text(json.dumps(report, indent=2))
+    (results / "calibration.md").write_text(calibration_markdown(report))
+    print(calibration_markdown(report))
+    return 0
 
-    lines = [f"Machine: {report['machine']}; medians of {report['repeats']} runs (min-max).", "",
+
+def spread(entry, fmt="{:.2f}"):
+    return f"{fmt.format(entry['median'])} ({fmt.format(entry['min'])}-{fmt.format(entry['max'])})"
+
+
+def calibration_markdown(report: dict) -> str:
+    lines = [f"Machine: {report['machine']}; medians of {report['repeats']} runs (min-max). Command: "
+             f"`{report['command']}`.", "",
              "### Calibration cost (pass only) and peak RSS (whole process)", "",
+             "`mask+gram` is one pass measuring both (`calibrate --gram-out`).", "",
              "| setting | pass | seconds | x forward | peak RSS MB | x forward |", "|---|---|---|---|---|---|"]
     for setting, modes in report["calibration"].items():
         for mode, entry in modes.items():
             lines.append(f"| {setting} | {mode} | {spread(entry['seconds'])} | {entry['ratio_to_forward']:.2f} | "
                          f"{spread(entry['peak_rss_mb'], '{:.0f}')} | {entry['peak_ratio_to_forward']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown(report: dict) -> str:
+    lines = calibration_markdown(report).rstrip("\n").split("\n")
     lines += ["", "### File sizes", "", "| model | mask Fisher | full Fisher | Gram folder (predicted) | model weights |",
               "|---|---|---|---|---|"]
     for model, entry in report["fisher_sizes"].items():
