@@ -74,7 +74,7 @@ def calibrate(model, data, out, full, gram, gram_out, overwrite, settings: Calib
     record = FullFisher if full else GramStats if gram else MaskFisher
     outputs = {record: out, **({GramStats: gram_out} if gram_out is not None else {})}
     results = measure_statistics(outputs, model, data, settings, overwrite=overwrite, progress=not quiet,
-                                 out_names={record: "out", GramStats: "gram_out" if gram_out is not None else "out"})
+                                 out_names={GramStats: "gram_out"} if gram_out is not None else None)
     if PartialState().is_main_process:
         for kind, result in results.items():
             if kind is GramStats:

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 HERE = Path(__file__).resolve().parent
@@ -237,7 +238,7 @@ def main(argv=None) -> int:
     classifiers = [cache / "paper_protocol" / "models" / "seed0" / t for t in tasks]
     missing = [str(p) for p in classifiers if not (p / "config.json").exists()]
     if args.calibration_only:
-        return calibration_only(cache, work, classifiers[0], args.repeats, have_minilm=not missing)
+        return calibration_only(cache, work, None if missing else classifiers[0], args.repeats)
     if missing:
         sys.exit(f"Missing models {missing}: run examples/merge_grid/run.py first.")
     lm_models = [assets.fetch_smollm2(cache), perturbed(assets.fetch_smollm2(cache), work / "smollm2-perturbed")]
@@ -246,12 +247,7 @@ def main(argv=None) -> int:
 
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, CPU only",
               "command": "python examples/benchmarks/run.py " + " ".join(sys.argv[1:]), "repeats": args.repeats}
-    report["calibration"] = {
-        "MiniLM classifier, 128 reviews, max_length 64, batch 32": calibration_table(
-            "minilm", classifiers[0], minilm_data, 32, 64, 128, 8, args.repeats),
-        "SmolLM2-135M, 32 x 128 tokens, batch 32": calibration_table(
-            "smollm2", lm_models[0], lm_data, 32, 128, 32, 4, args.repeats),
-    }
+    report["calibration"] = calibration_tables(classifiers[0], minilm_data, lm_models[0], lm_data, args.repeats)
 
     from mergekit_fisher_mask import CalibrationSettings, calibrate, calibrate_full, calibrate_gram
 
@@ -302,29 +298,37 @@ def main(argv=None) -> int:
                                                            "peak_rss_mb": stats([r["peak_rss_mb"] for r in runs])}
         print(f"scaling merge {count} models: {statistics.median(r['seconds'] for r in runs):.2f} s", flush=True)
     report["wall_seconds"] = round(time.time() - started)
-    results = HERE / "results"
-    results.mkdir(exist_ok=True)
-    (results / "results.json").write_text(json.dumps(report, indent=2))
-    (results / "results.md").write_text(markdown(report))
-    print(markdown(report))
-    return 0
+    return write_report("results", report, markdown(report))
 
 
-def calibration_only(cache: Path, work: Path, minilm: Path, repeats: int, *, have_minilm: bool) -> int:
+def calibration_tables(minilm: Optional[Path], minilm_data: Path, smollm: Path, lm_data: Path, repeats: int) -> dict:
+    """The calibration cost tables of both settings (MiniLM's only when ``minilm`` is given)."""
+    tables = {}
+    if minilm is not None:
+        tables["MiniLM classifier, 128 reviews, max_length 64, batch 32"] = calibration_table(
+            "minilm", minilm, minilm_data, 32, 64, 128, 8, repeats)
+    tables["SmolLM2-135M, 32 x 128 tokens, batch 32"] = calibration_table(
+        "smollm2", smollm, lm_data, 32, 128, 32, 4, repeats)
+    return tables
+
+
+def calibration_only(cache: Path, work: Path, minilm: Optional[Path], repeats: int) -> int:
     smollm = assets.fetch_smollm2(cache)
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, CPU only",
               "command": "python examples/benchmarks/run.py " + " ".join(sys.argv[1:]), "repeats": repeats,
-              "calibration": {}}
-    if have_minilm:
-        report["calibration"]["MiniLM classifier, 128 reviews, max_length 64, batch 32"] = calibration_table(
-            "minilm", minilm, assets.task_dir(cache, "rotten_tomatoes") / "train.jsonl", 32, 64, 128, 8, repeats)
-    report["calibration"]["SmolLM2-135M, 32 x 128 tokens, batch 32"] = calibration_table(
-        "smollm2", smollm, lm_chunks(cache, smollm, work / "austen_chunks.jsonl"), 32, 128, 32, 4, repeats)
+              "calibration": calibration_tables(minilm, assets.task_dir(cache, "rotten_tomatoes") / "train.jsonl",
+                                                smollm, lm_chunks(cache, smollm, work / "austen_chunks.jsonl"),
+                                                repeats)}
+    return write_report("calibration", report, calibration_markdown(report))
+
+
+def write_report(stem: str, report: dict, text: str) -> int:
+    """results/<stem>.json and .md, and the tables on stdout."""
     results = HERE / "results"
     results.mkdir(exist_ok=True)
-    (results / "calibration.json").write_text(json.dumps(report, indent=2))
-    (results / "calibration.md").write_text(calibration_markdown(report))
-    print(calibration_markdown(report))
+    (results / f"{stem}.json").write_text(json.dumps(report, indent=2))
+    (results / f"{stem}.md").write_text(text)
+    print(text)
     return 0
 
 

@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from ..architectures import NodeShape
+from ..architectures import NodeShape, get_architecture
 from ..errors import FisherMaskError
 from ..files import GramStats, MaskFisher
 from ..settings import Aggregate, CalibrationSettings, Estimator, MixedPrecision
@@ -218,7 +218,7 @@ def measure(run: PreparedCalibration, *, progress: bool = True) -> Tuple[Dict[st
 def measure_with_grams(run: PreparedCalibration, *, progress: bool = True):
     """The mask pass carrying RegMean's Gram hooks, so one pass over the data measures both: the fields of its
     :class:`MaskFisher` and of its :class:`GramStats` (of the same examples), by record type, and N."""
-    sites = check_sites(run.settings, PassContext.of(run.model, run.settings).spec)
+    sites = check_sites(run.settings, get_architecture(run.model.config.model_type))
     with GramInputs(run.model, sites) as grams:
         groups, count = compute_mask_fisher(run.model, run.loader, run.settings, accelerator=run.accelerator,
                                             progress=progress, rider=grams)
